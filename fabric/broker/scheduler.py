@@ -193,10 +193,18 @@ class Scheduler:
         capacity: int = 0,
         labels: dict[str, str] | None = None,
     ) -> list[Out]:
-        """Welcome a worker with ``capacity`` free slots; return the dispatches it allows."""
+        """Welcome a worker with ``capacity`` free slots; return the dispatches it allows.
+
+        A worker that re-sends HELLO on its session keeps its running tasks
+        (they still run there); ``capacity`` replaces its credit.
+        """
         self.touch(session, now)
         credit = min(capacity, MAX_CREDIT)
-        self._workers[session] = _Worker(session, name, host, pid, dict(labels or {}), credit)
+        old = self._workers.get(session)
+        worker = _Worker(session, name, host, pid, dict(labels or {}), credit)
+        if old is not None:
+            worker.running, worker.done, worker.turn = old.running, old.done, old.turn
+        self._workers[session] = worker
         return self._dispatch()
 
     def add_client(self, session: bytes, now: float) -> list[Out]:
