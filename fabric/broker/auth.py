@@ -22,6 +22,7 @@ import logging
 import time
 
 import zmq
+from zmq.utils import z85
 
 from fabric.broker.keys import Identity, Keyring
 from fabric.errors import AuthenticationError
@@ -94,7 +95,7 @@ class ZapHandler:
         version, request_id, domain, address, _identity, mechanism, *credentials = request
         if version != b"1.0":
             return [b"1.0", request_id, b"500", b"unsupported ZAP version", b"", b""]
-        key = zmq.z85_encode(credentials[0]) if credentials and len(credentials[0]) == 32 else b""
+        key = z85.encode(credentials[0]) if credentials and len(credentials[0]) == 32 else b""
         identity = self.keyring.allowed.get(key)
         if domain != DOMAIN or mechanism != b"CURVE" or identity is None:
             self.denied += 1
@@ -107,7 +108,9 @@ class ZapHandler:
         return [b"1.0", request_id, b"200", b"OK", key, b""]
 
 
-def self_test(context: zmq.Context[zmq.Socket[bytes]], zap: ZapHandler, timeout: float = 10.0) -> None:
+def self_test(
+    context: zmq.Context[zmq.Socket[bytes]], zap: ZapHandler, timeout: float = 10.0
+) -> None:
     """Prove the handler guards CURVE sockets: an unlisted key must be asked about and refused.
 
     Raise ``AuthenticationError`` (the broker must not start) if the handler
@@ -132,7 +135,7 @@ def self_test(context: zmq.Context[zmq.Socket[bytes]], zap: ZapHandler, timeout:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AuthenticationError("the ZAP handler was never consulted: refusing to start")
-            events = dict(poller.poll(left * 1000))
+            events = dict(poller.poll(int(left * 1000) + 1))
             if server in events:
                 raise AuthenticationError("an unlisted CURVE key got in: refusing to start")
             if zap.socket in events:
