@@ -100,8 +100,12 @@ class ZapHandler:
         if domain != DOMAIN or mechanism != b"CURVE" or identity is None:
             self.denied += 1
             self.denied_keys = [*self.denied_keys[-7:], key]
-            log.warning("refused %s peer from %s (key %s)", mechanism.decode(errors="replace"),
-                        address.decode(errors="replace"), key.decode() or "-")  # fmt: skip
+            log.warning(
+                "refused %s peer from %s (key %s)",
+                mechanism.decode(errors="replace"),
+                address.decode(errors="replace"),
+                key.decode() or "-",
+            )
             return [b"1.0", request_id, b"400", b"key not allowed", b"", b""]
         self.allowed += 1
         log.info("authenticated %r from %s", identity.name, address.decode(errors="replace"))

@@ -16,7 +16,8 @@ import platform
 import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -143,6 +144,7 @@ class Broker:
         self._direct: list[tuple[bytes, p.Message]] = []  # to connections without a session
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._zap: ZapHandler | None = None
+        self._done_samples: deque[tuple[float, int]] = deque(maxlen=41)  # ~10 s of ticks
         self._wake_address = f"inproc://fabric-broker-wake-{self._instance.hex()}"
 
     # --- life cycle ----------------------------------------------------------------
@@ -180,11 +182,14 @@ class Broker:
         with contextlib.suppress(BaseException):
             self.serve_forever()
 
-    def serve_forever(self) -> None:
-        """Bind, self-test and serve in this thread until :meth:`close` is called."""
+    def serve_forever(self, on_ready: Callable[[], object] | None = None) -> None:
+        """Bind, self-test and serve in this thread until :meth:`close` is called.
+
+        ``on_ready`` is called once the broker is bound and serving.
+        """
         try:
             with zmq.Context() as context:
-                self._serve(context)
+                self._serve(context, on_ready)
         except BaseException as exc:
             self._failure = exc
             if self._ready.is_set():
@@ -241,7 +246,9 @@ class Broker:
         except zmq.ZMQError:
             pass  # the loop is already leaving (context terminated or queue full)
 
-    def _serve(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    def _serve(
+        self, context: zmq.Context[zmq.Socket[bytes]], on_ready: Callable[[], object] | None
+    ) -> None:
         zap = None
         journal = Journal(self._journal_path, fsync=self._fsync) if self._journal_path else None
         router = context.socket(zmq.ROUTER)
@@ -259,9 +266,15 @@ class Broker:
             wake.bind(self._wake_address)
             if journal is not None:
                 self._replay(journal, time.monotonic())
-            log.info("broker serving on %s (%s, journal %s)", self._address,
-                     "CURVE" if zap else "no keys", self._journal_path)  # fmt: skip
+            log.info(
+                "broker serving on %s (%s, journal %s)",
+                self._address,
+                "CURVE" if zap else "no keys",
+                self._journal_path,
+            )
             self._ready.set()
+            if on_ready is not None:
+                on_ready()
             self._loop(router, wake, zap, journal)
         finally:
             self._context = None
@@ -358,8 +371,9 @@ class Broker:
             message = p.decode(frames)
         except VersionMismatchError as exc:
             hello = len(frames[0]) > 3 and frames[0][3] == p.Hello.TYPE
-            direct.append((route, p.Refuse("version", str(exc)) if hello
-                           else p.Error("version", str(exc))))  # fmt: skip
+            direct.append(
+                (route, p.Refuse("version", str(exc)) if hello else p.Error("version", str(exc)))
+            )
             message = None
         except ProtocolError as exc:
             self._counts["malformed"] += 1
@@ -421,8 +435,13 @@ class Broker:
                 self._hosts[hello.name] = session.id
         else:
             self._sched.add_peer(session.id, now)
-        log.info("%s %r %s session %s", hello.role, hello.name,
-                 "resumed" if resumed else "opened", session.id.hex())  # fmt: skip
+        log.info(
+            "%s %r %s session %s",
+            hello.role,
+            hello.name,
+            "resumed" if resumed else "opened",
+            session.id.hex(),
+        )
         return []
 
     def _refusal(self, user: str, hello: p.Hello, zap: ZapHandler | None) -> p.Refuse | None:
@@ -500,11 +519,23 @@ class Broker:
         self._calls[(session.id, message.call)] = host
         forwarded: p.Message
         if isinstance(message, p.Create):
-            forwarded = p.Create(message.host, message.call, message.typeid, message.name,
-                                 session.id, message.payload)  # fmt: skip
+            forwarded = p.Create(
+                message.host,
+                message.call,
+                message.typeid,
+                message.name,
+                session.id,
+                message.payload,
+            )
         else:
-            forwarded = p.Call(message.host, message.call, message.object, message.method,
-                               session.id, message.payload)  # fmt: skip
+            forwarded = p.Call(
+                message.host,
+                message.call,
+                message.object,
+                message.method,
+                session.id,
+                message.payload,
+            )
         self._outbox.append((host, forwarded))
 
     def _object_reply(self, session: _Session, reply: p.Reply) -> None:
@@ -522,8 +553,13 @@ class Broker:
             del self._routes[session.route]
         self._outbox += self._sched.remove(session.id, now, reason)
         self._session_gone(session.id)
-        log.info("%s %r session %s ended: %s", session.role, session.name, session.id.hex(),
-                 reason or "bye")  # fmt: skip
+        log.info(
+            "%s %r session %s ended: %s",
+            session.role,
+            session.name,
+            session.id.hex(),
+            reason or "bye",
+        )
 
     def _session_gone(self, sid: bytes) -> None:
         for name, host in list(self._hosts.items()):
@@ -544,6 +580,8 @@ class Broker:
         self._outbox += [(host, p.Gone(sid)) for host in self._hosts.values()]
 
     def _tick(self, now: float) -> None:
+        if not self._done_samples or now - self._done_samples[-1][0] >= 0.25:
+            self._done_samples.append((now, self._sched.statistics(now).tasks_done))
         dead, outs = self._sched.tick(now)
         self._outbox += outs
         for sid in dead:
@@ -554,9 +592,10 @@ class Broker:
                 self._session_gone(sid)
                 log.warning("%s %r lost: no heartbeat", session.role, session.name)
         self._outbox += [
-            (s.id, p.Heartbeat()) for s in self._sessions.values()
+            (s.id, p.Heartbeat())
+            for s in self._sessions.values()
             if now - s.last_sent >= self.heartbeat
-        ]  # fmt: skip
+        ]
 
     def _replay(self, journal: Journal, now: float) -> None:
         live, forgotten = journal.replay()
@@ -591,5 +630,12 @@ class Broker:
             {k: v for k, v in stats._asdict().items() if k != "tasks"},
             worker_list=[w._asdict() for w in tasks.worker_list],
             python=platform.python_version(),
+            throughput=self._throughput(),
         )
         return body
+
+    def _throughput(self) -> float:
+        if len(self._done_samples) < 2:
+            return 0.0
+        (t0, d0), (t1, d1) = self._done_samples[0], self._done_samples[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0

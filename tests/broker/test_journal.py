@@ -1,4 +1,4 @@
-"""The journal: what was committed is replayed, torn tails are cut, compaction keeps the live set."""
+"""The journal: commits replay, torn tails are cut, compaction keeps the live set."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def test_uncommitted_records_are_not_in_the_file(tmp_path: Path) -> None:
 
 @given(cut=st.integers(1, 200))
 @settings(max_examples=50, deadline=None)
-def test_a_torn_tail_is_cut_off_and_earlier_records_survive(tmp_path_factory: pytest.TempPathFactory,
-                                                            cut: int) -> None:  # fmt: skip
+def test_a_torn_tail_is_cut_off_and_earlier_records_survive(
+    tmp_path_factory: pytest.TempPathFactory, cut: int
+) -> None:
     path = tmp_path_factory.mktemp("torn") / "j"
     with Journal(path, fsync="never") as j:
         j.submit(S, b"kept", {}, (b"x" * 50,))

@@ -277,8 +277,16 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.s = Scheduler(Limits(max_tasks=12, max_bytes=200, max_retries=2, poison_limit=2,
-                                  result_limit=4, liveness_timeout=5))  # fmt: skip
+        self.s = Scheduler(
+            Limits(
+                max_tasks=12,
+                max_bytes=200,
+                max_retries=2,
+                poison_limit=2,
+                result_limit=4,
+                liveness_timeout=5,
+            )
+        )
         self.now = 0.0
         self.granted: Counter[bytes] = Counter()
         self.dispatched: Counter[bytes] = Counter()
@@ -401,6 +409,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert stats.queued + stats.in_flight + stats.awaiting_done <= 12 + 4
 
 
-SchedulerMachine.TestCase.settings = settings(max_examples=500, stateful_step_count=40,
-                                              deadline=None)  # fmt: skip
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=500, stateful_step_count=40, deadline=None
+)
 test_scheduler_state_machine = SchedulerMachine.TestCase
