@@ -33,6 +33,7 @@ class Peer:
             keys.configure(self.socket)
         self.socket.connect(address)
         self.session = session or os.urandom(16)
+        self.keepalive: float | None = None  # send HEARTBEATs this often while in recv()
 
     def send(self, message: p.Message) -> None:
         self.socket.send_multipart(p.encode(message))
@@ -45,8 +46,13 @@ class Peer:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.socket.poll(int(left * 1000) + 1):
+            if left <= 0:
                 raise TimeoutError(f"nothing from the broker within {timeout} s")
+            wait = left if self.keepalive is None else min(left, self.keepalive)
+            if not self.socket.poll(int(wait * 1000) + 1):
+                if self.keepalive is not None:
+                    self.send(p.Heartbeat())
+                continue
             message = p.decode(self.socket.recv_multipart())
             if not isinstance(message, p.Heartbeat):
                 return message
