@@ -5,4 +5,26 @@ Change ``from threading import Thread`` to ``from fabric.local import Process``
 every core. Nothing here imports zmq or the remote layer.
 """
 
-__all__: list[str] = []
+from fabric.local.synchronize import (
+    Barrier,
+    BoundedSemaphore,
+    BrokenBarrierError,
+    Condition,
+    Event,
+    Lock,
+    OwnerDiedWarning,
+    RLock,
+    Semaphore,
+)
+
+__all__: list[str] = [
+    "Barrier",
+    "BoundedSemaphore",
+    "BrokenBarrierError",
+    "Condition",
+    "Event",
+    "Lock",
+    "OwnerDiedWarning",
+    "RLock",
+    "Semaphore",
+]
