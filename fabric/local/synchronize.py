@@ -287,6 +287,9 @@ class Condition(_sync.Condition):
     ) -> None:
         self._lock.release()
 
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()
+
     def wait_for(self, predicate: Callable[[], _T], timeout: float | None = None) -> _T:
         """Wait until ``predicate()`` is true or ``timeout`` passes; return its last value."""
         deadline = None if timeout is None else time.monotonic() + timeout
