@@ -1,29 +1,25 @@
 """The primitives across processes: parity bodies, dead owners, leaks.
 
-Children come from ``multiprocessing``'s fork context (inherited handles) and
-from a fresh interpreter that unpickles its target and arguments from stdin
-(handles travel as pickled Blocks, as under spawn).
+Every test runs under fork, forkserver and spawn (the ``ctx`` fixture): under
+fork the handles are inherited, otherwise they travel as pickled Blocks.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import pickle
 import signal
-import subprocess
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 
 import fabric.local
-from fabric.local import _sync
+from fabric.local import Context, _sync
 from fabric.local.synchronize import OWNER_CHECK_INTERVAL
 from tests.local.test_synchronize import (
     SharedInts,
@@ -36,29 +32,21 @@ from tests.local.test_synchronize import (
     wait_notified,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-CHILD = "import pickle, sys; fn, args = pickle.load(sys.stdin.buffer); fn(*args)"
 # A dead owner is noticed within one check interval; the rest is slack for a busy machine.
 TAKEOVER_BOUND_S = 1.0
 
 
-class Child(Protocol):
-    pid: int
+class Child:
+    """A fabric Process running ``fn(*args)``, started with the context's method."""
 
-    def wait(self) -> int: ...
-
-    def kill(self) -> None: ...
-
-
-class ForkChild:
-    def __init__(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
-        self.proc = multiprocessing.get_context("fork").Process(target=fn, args=args)
+    def __init__(self, ctx: Context, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        self.proc = ctx.Process(target=fn, args=args)
         self.proc.start()
         assert self.proc.pid is not None
-        self.pid = self.proc.pid
+        self.pid: int = self.proc.pid
 
     def wait(self) -> int:
-        self.proc.join(30)
+        self.proc.join(60)
         assert self.proc.exitcode is not None, "child did not finish"
         return self.proc.exitcode
 
@@ -66,45 +54,29 @@ class ForkChild:
         self.proc.kill()
 
 
-class ExecChild:
-    def __init__(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
-        payload = pickle.dumps((fn, args))
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, cwd=ROOT)
-        self.pid = self.proc.pid
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(payload)
-        self.proc.stdin.close()
-
-    def wait(self) -> int:
-        return self.proc.wait(60)
-
-    def kill(self) -> None:
-        self.proc.kill()
-
-
-@pytest.fixture(params=["fork", "exec"])
-def spawn(request: pytest.FixtureRequest) -> Iterator[Callable[..., Child]]:
-    kind = ForkChild if request.param == "fork" else ExecChild
+@pytest.fixture
+def spawn(ctx: Context) -> Iterator[Callable[..., Child]]:
     children: list[Child] = []
 
     def start(fn: Callable[..., object], *args: Any) -> Child:
-        child = kind(fn, args)
+        child = Child(ctx, fn, args)
         children.append(child)
         return child
 
     yield start
     for child in children:
-        child.kill()
+        if child.proc.exitcode is None:
+            child.kill()
         child.wait()
 
 
 def memfds() -> int:
-    """How many of this process's fds are fabric memfd segments."""
+    """How many of this process's fds are fabric shared-memory segments."""
     fd_dir = Path("/proc/self/fd")
     count = 0
     for entry in fd_dir.iterdir():
         try:
-            count += os.readlink(entry).startswith("/memfd:fabric")
+            count += os.readlink(entry) == "/memfd:fabric (deleted)"
         except OSError:
             continue
     return count
@@ -306,15 +278,31 @@ def use_and_exit(lock: Any, mode: str) -> None:
 @pytest.mark.parametrize("mode", ["exit", "raise"])
 def test_no_leak_after_child_exit(spawn: Callable[..., Child], mode: str) -> None:
     lock = fabric.local.Lock()
-    header = lock._block.offset - 64
-    refs = lock._block.segment.mmap[header : header + 4]
     fds = memfds()
     kid = spawn(use_and_exit, lock, mode)
     assert kid.wait() == (0 if mode == "exit" else 1)
     assert memfds() == fds
-    assert lock._block.segment.mmap[header : header + 4] == refs  # the child's reference dropped
     assert lock.acquire(False)
     lock.release()
+
+
+@pytest.mark.parametrize("mode", ["exit", "raise"])
+def test_child_drops_its_block_reference(
+    request: pytest.FixtureRequest, spawn: Callable[..., Child], mode: str
+) -> None:
+    if request.node.callspec.params["ctx"] == "forkserver":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="forkserver children leave with os._exit, skipping the _shm finalizers "
+                "that drop block references (the block is then never reused)",
+            )
+        )
+    lock = fabric.local.Lock()
+    header = lock._block.offset - 64
+    refs = lock._block.segment.mmap[header : header + 4]
+    assert spawn(use_and_exit, lock, mode).wait() == (0 if mode == "exit" else 1)
+    assert lock._block.segment.mmap[header : header + 4] == refs
 
 
 def create_and_report(out: SharedInts, held: Any, never: Any) -> None:
