@@ -118,16 +118,18 @@ def test_default_excepthook_prints_the_traceback(tmp_path: Path, method: str) ->
     assert "Custom: went wrong in the child" in done.stderr
 
 
+# One os.write per line: two processes share the pipe, and print() may write a
+# line and its newline separately.
 JOINS_AT_EXIT = """
-import sys
+import os, sys
 import fabric.local
 
 def late():
-    print("child finished", flush=True)
+    os.write(1, b"child finished\\n")
 
 if __name__ == "__main__":
     fabric.local.get_context(sys.argv[1]).Process(target=late).start()
-    print("main finished", flush=True)
+    os.write(1, b"main finished\\n")
 """
 
 
