@@ -24,13 +24,33 @@ from fabric.local.process import (
     excepthook,
     parent_process,
 )
+from fabric.local.synchronize import (
+    Barrier,
+    BoundedSemaphore,
+    BrokenBarrierError,
+    Condition,
+    Event,
+    Lock,
+    OwnerDiedWarning,
+    RLock,
+    Semaphore,
+)
 
 __all__: list[str] = [
+    "Barrier",
+    "BoundedSemaphore",
+    "BrokenBarrierError",
+    "Condition",
     "Context",
+    "Event",
     "ExceptHookArgs",
     "ExceptionProxy",
+    "Lock",
+    "OwnerDiedWarning",
     "Process",
+    "RLock",
     "RemoteTraceback",
+    "Semaphore",
     "active_children",
     "active_count",
     "cpu_count",
