@@ -5,4 +5,7 @@ Change ``from threading import Thread`` to ``from fabric.local import Process``
 every core. Nothing here imports zmq or the remote layer.
 """
 
-__all__: list[str] = []
+from fabric.local.executor import Executor
+from fabric.local.pool import Pool
+
+__all__: list[str] = ["Executor", "Pool"]

@@ -318,8 +318,10 @@ class Engine:
         if not self._pending or self._broken is not None:
             return
         workers = sorted((w for w in self._workers if w is not None), key=lambda w: len(w.inflight))
-        for worker in workers:
-            room = self._credit(worker)
+        for i, worker in enumerate(workers):
+            # A fair share each, so four chunks go two and two, not four to the first.
+            share = -(-len(self._pending) // (len(workers) - i))
+            room = min(self._credit(worker), share)
             batch: list[Task] = []
             while room > 0 and self._pending:
                 task = self._pending.popleft()
