@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import fcntl
 import itertools
 import logging
@@ -44,7 +45,7 @@ import threading
 import types
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor
 from typing import Any, NamedTuple
 
@@ -114,9 +115,17 @@ class Task:
 
 class _Worker:
     __slots__ = (
-        "index", "inbuf", "inflight", "out_fd", "outbuf", "pid", "pidfd", "retiring",
-        "sent", "task_fd",
-    )  # fmt: skip
+        "inbuf",
+        "index",
+        "inflight",
+        "out_fd",
+        "outbuf",
+        "pid",
+        "pidfd",
+        "retiring",
+        "sent",
+        "task_fd",
+    )
 
     def __init__(self, index: int, pid: int, task_fd: int, out_fd: int) -> None:
         self.index = index
@@ -184,9 +193,11 @@ class Engine:
         """Queue a task; raise if the pool no longer accepts work."""
         self.submit_many((task,))
 
-    def submit_many(self, tasks: tuple[Task, ...] | list[Task]) -> None:
+    def submit_many(self, tasks: Sequence[Task]) -> None:
         if self._broken is not None:
-            raise BrokenExecutor(f"the pool is broken: {self._broken}") from self._broken
+            raise BrokenExecutor(
+                f"the pool is broken: a worker's initializer failed: {self._broken!r}"
+            ) from self._broken
         if self._state != _RUNNING:
             raise ValueError("the pool is not running (closed or terminated)")
         self._pending.extend(tasks)
@@ -282,10 +293,8 @@ class Engine:
 
     def _on_event(self, fd: int, mask: int) -> None:
         if fd == self._wake_fd:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
             return
         worker = self._by_fd.get(fd)
         if worker is None:
@@ -410,10 +419,8 @@ class Engine:
         self._by_fd[fd] = worker
 
     def _unregister(self, fd: int) -> None:
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(fd)
-        except (KeyError, ValueError):
-            pass
 
     # -- results ---------------------------------------------------------------
 
@@ -465,10 +472,14 @@ class Engine:
             try:
                 value: Any = pickle.loads(blob)
             except Exception as exc:
-                ok, value = False, RemoteError(
-                    type(exc).__qualname__, f"the result of {task.describe()} could not be "
-                    f"unpickled: {exc}", "",
-                )  # fmt: skip
+                ok, value = (
+                    False,
+                    RemoteError(
+                        type(exc).__qualname__,
+                        f"the result of {task.describe()} could not be unpickled: {exc}",
+                        "",
+                    ),
+                )
         else:
             value = unpack_exception(blob)
         self._finish(task, ok, value, seconds)
@@ -490,10 +501,9 @@ class Engine:
         task_r, task_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         for fd in (task_w, out_r):
-            try:
+            # Past /proc/sys/fs/pipe-max-size this fails; the default size works, slower.
+            with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-            except OSError:  # above /proc/sys/fs/pipe-max-size: the default works, slower
-                pass
         try:
             pid = self._launch(index, task_r, out_w, [task_w, out_r])
         finally:
@@ -511,7 +521,7 @@ class Engine:
     def _launch(self, index: int, task_r: int, out_w: int, parent_ends: list[int]) -> int:
         if self._spawn:
             return self._posix_spawn(index, task_r, out_w)
-        drop = parent_ends + [self._wake_fd, self._selector.fileno()]
+        drop = [*parent_ends, self._wake_fd, self._selector.fileno()]
         for worker in self._workers:
             if worker is not None:
                 drop += worker.fds()
@@ -546,7 +556,9 @@ class Engine:
         lost = bool(worker.inflight) or (code != 0 and self._state == _RUNNING)
         if lost:
             self._lost += 1
-            log.warning("pool worker %d (pid %d) exited: %s", worker.index, worker.pid, _cause(code))
+            log.warning(
+                "pool worker %d (pid %d) exited: %s", worker.index, worker.pid, _cause(code)
+            )
         for task in reversed(list(worker.inflight.values())):
             if task.id == running:
                 self._charge(task, worker, code)
@@ -559,8 +571,11 @@ class Engine:
         task.attempts += 1
         if task.attempts <= self._retries:
             self._retried += 1
-            log.warning("retrying %s after its worker was lost (attempt %d)", task.describe(),
-                        task.attempts + 1)  # fmt: skip
+            log.warning(
+                "retrying %s after its worker was lost (attempt %d)",
+                task.describe(),
+                task.attempts + 1,
+            )
             self._pending.appendleft(task)
             return
         message = (
@@ -610,10 +625,8 @@ class Engine:
         try:
             for worker in self._workers:
                 if worker is not None:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(worker.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
             for worker in self._workers:
                 if worker is not None:
                     os.waitpid(worker.pid, 0)

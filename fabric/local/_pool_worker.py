@@ -10,8 +10,8 @@ running, so only that task is charged with the crash.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import io
 import mmap
 import os
 import pickle
@@ -20,7 +20,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from fabric.local import _pool_wire as wire
 from fabric.local._remote_errors import pack_exception
@@ -61,10 +61,8 @@ def _die_with_parent(parent: int) -> None:
 
 def _detach(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with contextlib.suppress(OSError):
         os.setpgid(0, 0)
-    except OSError:
-        pass
     _die_with_parent(parent)
 
 
@@ -137,8 +135,11 @@ class _Runner:
 
 def run_worker(in_fd: int, out_fd: int, slots_fd: int, index: int) -> int:
     """Serve one pool from its pipes until STOP, end of file or retirement."""
-    slots = mmap.mmap(slots_fd, 0)
-    stream = io.open(in_fd, "rb", buffering=1 << 20, closefd=False)
+    with open(in_fd, "rb", buffering=1 << 20, closefd=False) as stream:
+        return _serve(stream, out_fd, mmap.mmap(slots_fd, 0), index)
+
+
+def _serve(stream: BinaryIO, out_fd: int, slots: mmap.mmap, index: int) -> int:
     first = wire.read_frame(stream)
     if first is None or first[0] != wire.CONFIG:
         return 1
@@ -161,16 +162,16 @@ def run_worker(in_fd: int, out_fd: int, slots_fd: int, index: int) -> int:
             return 0
 
 
-def fork_main(parent: int, in_fd: int, out_fd: int, slots_fd: int, index: int, drop: list[int]) -> None:
+def fork_main(
+    parent: int, in_fd: int, out_fd: int, slots_fd: int, index: int, drop: list[int]
+) -> None:
     """Body of a forked worker; never returns."""
     code = 1
     try:
         _detach(parent)
         for fd in drop:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         code = run_worker(in_fd, out_fd, slots_fd, index)
     except BaseException:
         try:

@@ -24,7 +24,5 @@ def progress_bar(progress: Progress, total: int | None, desc: str) -> Any:
     try:
         from tqdm import tqdm
     except ImportError as exc:
-        raise ImportError(
-            "progress=True needs tqdm: pip install 'taskfabric[progress]'"
-        ) from exc
+        raise ImportError("progress=True needs tqdm: pip install 'taskfabric[progress]'") from exc
     return tqdm(total=total, desc=desc, file=sys.stderr, unit="task")

@@ -115,8 +115,15 @@ class CallTask(Task):
 class _ChunkTask(Task):
     __slots__ = ("job", "seq", "start")
 
-    def __init__(self, job: _ChunkSink, fn: Callable[..., Any], star: bool, seq: int,
-                 start: int, items: list[Any]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        job: _ChunkSink,
+        fn: Callable[..., Any],
+        star: bool,
+        seq: int,
+        start: int,
+        items: list[Any],
+    ) -> None:
         super().__init__(fn, wire.STAR if star else wire.MAP, items)
         self.job = job
         self.seq = seq

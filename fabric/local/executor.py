@@ -32,8 +32,9 @@ R = TypeVar("R")
 class _FutureTask(Task):
     __slots__ = ("future",)
 
-    def __init__(self, fn: Callable[..., Any], kind: int, args: Any, kwargs: Any,
-                 future: Future[Any]) -> None:  # fmt: skip
+    def __init__(
+        self, fn: Callable[..., Any], kind: int, args: Any, kwargs: Any, future: Future[Any]
+    ) -> None:
         super().__init__(fn, kind, args, kwargs)
         self.future = future
 
@@ -84,9 +85,13 @@ class Executor(_Executor):
             raise ValueError("retries must be >= 0")
         self._max_workers = max_workers
         self._engine = Engine(
-            max_workers, initializer, tuple(initargs), max_tasks_per_child, retries,
+            max_workers,
+            initializer,
+            tuple(initargs),
+            max_tasks_per_child,
+            retries,
             _start_method(mp_context),
-        )  # fmt: skip
+        )
         self._shutdown = False
 
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, TypeVar
 
 from fabric.local._pool_engine import DEFAULT_RETRIES, Engine, Statistics
@@ -82,9 +82,13 @@ class Pool:
             raise ValueError("retries must be >= 0")
         self._processes = processes
         self._engine = Engine(
-            processes, initializer, tuple(initargs), maxtasksperchild, retries,
+            processes,
+            initializer,
+            tuple(initargs),
+            maxtasksperchild,
+            retries,
             _start_method(context),
-        )  # fmt: skip
+        )
         self._closed = False
 
     def __repr__(self) -> str:
@@ -93,8 +97,12 @@ class Pool:
 
     # -- single calls ----------------------------------------------------------
 
-    def apply(self, func: Callable[..., R], args: Iterable[Any] = (),
-              kwds: Mapping[str, Any] | None = None) -> R:  # fmt: skip
+    def apply(
+        self,
+        func: Callable[..., R],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] | None = None,
+    ) -> R:
         """Call ``func(*args, **kwds)`` in a worker and return its result."""
         return self._wait(self.apply_async(func, args, kwds))
 
@@ -113,8 +121,14 @@ class Pool:
 
     # -- maps ------------------------------------------------------------------
 
-    def map(self, func: Callable[[T], R], iterable: Iterable[T], chunksize: int | None = None,
-            *, progress: Progress = False) -> list[R]:  # fmt: skip
+    def map(
+        self,
+        func: Callable[[T], R],
+        iterable: Iterable[T],
+        chunksize: int | None = None,
+        *,
+        progress: Progress = False,
+    ) -> list[R]:
         """Return ``[func(x) for x in iterable]`` computed by the workers."""
         return self._wait(self.map_async(func, iterable, chunksize, progress=progress))
 
@@ -131,8 +145,14 @@ class Pool:
         """Start a map; the result's ``get()`` returns the list or raises the first error."""
         return self._map(func, iterable, chunksize, False, callback, error_callback, progress)
 
-    def starmap(self, func: Callable[..., R], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None, *, progress: Progress = False) -> list[R]:  # fmt: skip
+    def starmap(
+        self,
+        func: Callable[..., R],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        progress: Progress = False,
+    ) -> list[R]:
         """Return ``[func(*args) for args in iterable]`` computed by the workers."""
         return self._wait(self.starmap_async(func, iterable, chunksize, progress=progress))
 
@@ -149,21 +169,38 @@ class Pool:
         """Start a starmap; like :meth:`map_async` with argument tuples."""
         return self._map(func, iterable, chunksize, True, callback, error_callback, progress)
 
-    def imap(self, func: Callable[[T], R], iterable: Iterable[T], chunksize: int | None = None,
-             *, progress: Progress = False) -> IMapIterator[R]:  # fmt: skip
+    def imap(
+        self,
+        func: Callable[[T], R],
+        iterable: Iterable[T],
+        chunksize: int | None = None,
+        *,
+        progress: Progress = False,
+    ) -> IMapIterator[R]:
         """Iterate over ``func(x)`` in input order, reading the input lazily."""
         return self._imap(func, iterable, chunksize, True, progress)
 
-    def imap_unordered(self, func: Callable[[T], R], iterable: Iterable[T],
-                       chunksize: int | None = None, *,
-                       progress: Progress = False) -> IMapIterator[R]:  # fmt: skip
+    def imap_unordered(
+        self,
+        func: Callable[[T], R],
+        iterable: Iterable[T],
+        chunksize: int | None = None,
+        *,
+        progress: Progress = False,
+    ) -> IMapIterator[R]:
         """Iterate over ``func(x)`` in completion order, reading the input lazily."""
         return self._imap(func, iterable, chunksize, False, progress)
 
-    def _map(self, func: Callable[..., R], iterable: Iterable[Any], chunksize: int | None,
-             star: bool, callback: Callable[[list[R]], object] | None,
-             error_callback: Callable[[BaseException], object] | None,
-             progress: Progress) -> MapResult[R]:  # fmt: skip
+    def _map(
+        self,
+        func: Callable[..., R],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        star: bool,
+        callback: Callable[[list[R]], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        progress: Progress,
+    ) -> MapResult[R]:
         self._check_running()
         items = list(iterable)
         if star:
@@ -172,13 +209,20 @@ class Pool:
         bar = progress_bar(progress, len(items), getattr(func, "__name__", "map"))
         return MapResult(self._engine, func, items, size, star, callback, error_callback, bar)
 
-    def _imap(self, func: Callable[..., R], iterable: Iterable[Any], chunksize: int | None,
-              ordered: bool, progress: Progress) -> IMapIterator[R]:  # fmt: skip
+    def _imap(
+        self,
+        func: Callable[..., R],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        ordered: bool,
+        progress: Progress,
+    ) -> IMapIterator[R]:
         self._check_running()
-        total = len(iterable) if hasattr(iterable, "__len__") else None
+        total = len(iterable) if isinstance(iterable, Sized) else None
         bar = progress_bar(progress, total, getattr(func, "__name__", "imap"))
-        return IMapIterator(self._engine, func, iterable, _check_chunksize(chunksize), ordered,
-                            progress=bar)  # fmt: skip
+        return IMapIterator(
+            self._engine, func, iterable, _check_chunksize(chunksize), ordered, progress=bar
+        )
 
     # -- life cycle ------------------------------------------------------------
 
@@ -205,7 +249,8 @@ class Pool:
         return self._engine.statistics()
 
     def __enter__(self) -> Pool:
-        self._check_running()
+        if self._closed:
+            raise ValueError("Pool not running")
         return self
 
     def __exit__(self, *exc_info: object) -> None:

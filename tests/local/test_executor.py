@@ -119,7 +119,9 @@ def test_cancel_before_start(executor: Executor, gate: h.Gate) -> None:
 def test_run_in_executor(executor: Executor) -> None:
     async def main() -> list[int]:
         loop = asyncio.get_running_loop()
-        return await asyncio.gather(*(loop.run_in_executor(executor, h.square, i) for i in range(5)))
+        return await asyncio.gather(
+            *(loop.run_in_executor(executor, h.square, i) for i in range(5))
+        )
 
     assert asyncio.run(main()) == [0, 1, 4, 9, 16]
 
@@ -134,9 +136,11 @@ def test_lambdas_and_cause(executor: Executor) -> None:
 def test_initializer_and_failing_initializer() -> None:
     with Executor(1, initializer=h.set_tag, initargs=("on",)) as executor:
         assert executor.submit(h.get_tag, None).result(30) == "on"
-    with Executor(1, initializer=h.fail, initargs=("no",)) as executor:
-        with pytest.raises(BrokenExecutor):
-            executor.submit(h.square, 1).result(30)
+    with (
+        Executor(1, initializer=h.fail, initargs=("no",)) as executor,
+        pytest.raises(BrokenExecutor),
+    ):
+        executor.submit(h.square, 1).result(30)
 
 
 def test_max_tasks_per_child() -> None:

@@ -169,10 +169,12 @@ def test_failing_initializer_breaks_the_pool_without_hanging() -> None:
     from concurrent.futures import BrokenExecutor
 
     with Pool(1, initializer=h.fail, initargs=("init boom",)) as pool:
-        result = pool.apply_async(h.square, (2,))
+        # Raised by apply_async once the pool knows it is broken, by get() before.
         with pytest.raises(BrokenExecutor, match="initializer") as info:
-            result.get(30)
+            pool.apply_async(h.square, (2,)).get(30)
         assert isinstance(info.value.__cause__, ValueError)
+        with pytest.raises(BrokenExecutor):
+            pool.apply(h.square, (2,))
 
 
 def test_maxtasksperchild_replaces_workers() -> None:

@@ -40,8 +40,9 @@ def test_task_that_always_crashes_fails_naming_task_pid_and_cause(how: str) -> N
         assert CRASHES[how] in str(error)
         assert "(die)" in str(error) and f"pid {error.pid}" in str(error)
         assert error.attempts == 2
-        assert error.exitcode == (7 if how == "exit" else -int(
-            signal.SIGKILL if how == "sigkill" else signal.SIGSEGV))  # fmt: skip
+        assert error.exitcode == (
+            7 if how == "exit" else -int(signal.SIGKILL if how == "sigkill" else signal.SIGSEGV)
+        )
         assert pool.apply(h.square, (3,)) == 9  # the pool goes on
 
 
@@ -64,9 +65,8 @@ def test_only_the_crashing_task_is_affected() -> None:
 
 
 def test_crash_inside_a_map_chunk_names_the_items() -> None:
-    with Pool(2) as pool:
-        with pytest.raises(WorkerLostError, match=r"over items 2\.\.3"):
-            pool.map(h.exit_on_three, range(6), 2)
+    with Pool(2) as pool, pytest.raises(WorkerLostError, match=r"over items 2\.\.3"):
+        pool.map(h.exit_on_three, range(6), 2)
 
 
 def test_executor_survives_a_crash_unlike_process_pool_executor() -> None:
@@ -85,11 +85,11 @@ SCRIPT = textwrap.dedent(
     from fabric.local import Pool
 
     def hold(_):
-        print(os.getpid(), flush=True)
+        os.write(1, b"%d\\n" % os.getpid())  # one write: lines from two workers never mix
         time.sleep(120)  # the long task Ctrl-C must interrupt
 
     if __name__ == "__main__":
-        print(os.getpid(), flush=True)
+        os.write(1, b"%d\\n" % os.getpid())
         with Pool(2) as pool:
             pool.map(hold, range(4), 1)
     """
@@ -109,9 +109,12 @@ def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(tmp_path: Path) -> N
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env,
-    )  # fmt: skip
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stdout is not None
         parent = int(proc.stdout.readline())
