@@ -34,22 +34,6 @@ class WorkerLostError(FabricError):
         self.attempts = attempts
 
 
-class RemoteError(FabricError):
-    """Stand-in for an exception from another process that could not travel as itself.
-
-    Carries the original exception's type name, message and formatted traceback.
-    """
-
-    def __init__(self, type_name: str, message: str, traceback: str) -> None:
-        super().__init__(type_name, message, traceback)
-        self.type_name = type_name
-        self.message = message
-        self.traceback = traceback
-
-    def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}"
-
-
 class ProtocolError(FabricError):
     """A peer sent a frame that does not follow the wire protocol."""
 

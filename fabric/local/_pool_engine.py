@@ -51,10 +51,10 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from fabric.errors import RemoteError, WorkerLostError
+from fabric.errors import WorkerLostError
 from fabric.local import _pool_wire as wire
 from fabric.local import _pool_worker
-from fabric.local._remote_errors import unpack_exception
+from fabric.local._exceptions import ExceptionProxy, restore
 
 __all__ = ["DEFAULT_RETRIES", "Engine", "Statistics", "Task", "TerminatedError"]
 
@@ -465,23 +465,21 @@ class Engine:
                 per_task = self._task_time + _EWMA * (per_task - self._task_time)
             self._task_time = per_task
         elif kind == wire.INIT_ERROR:
-            self._break(unpack_exception(body))
+            self._break(restore(body))
 
     def _deliver(self, task: Task, ok: bool, blob: bytes, seconds: float) -> None:
         if ok:
             try:
                 value: Any = pickle.loads(blob)
             except Exception as exc:
-                ok, value = (
-                    False,
-                    RemoteError(
-                        type(exc).__qualname__,
-                        f"the result of {task.describe()} could not be unpickled: {exc}",
-                        "",
-                    ),
+                ok = False
+                value = ExceptionProxy(
+                    type(exc).__qualname__,
+                    f"the result of {task.describe()} could not be unpickled: {exc}",
+                    "",
                 )
         else:
-            value = unpack_exception(blob)
+            value = restore(blob)
         self._finish(task, ok, value, seconds)
 
     def _finish(self, task: Task, ok: bool, value: Any, seconds: float) -> None:

@@ -1,12 +1,12 @@
-"""Carry an exception raised in a worker back to the caller, always.
+"""Pack a worker's exception so that it always reaches the caller.
 
-The worker packs ``(exception, formatted traceback)``. The exception travels
-as itself when it survives a pickle round trip *in the worker* (checked there,
-because an exception whose ``__init__`` takes other arguments pickles fine and
-only fails to unpickle, which is how ``multiprocessing.Pool.map`` hangs
-forever); otherwise a :class:`~fabric.errors.RemoteError` proxy carries its
-type name, message and traceback. The caller sees the exception with a
-:class:`RemoteTraceback` as ``__cause__``, as ``concurrent.futures`` does.
+The format and the types are :mod:`fabric.local._exceptions`' (shared with
+Process): unpack with its ``restore``, which gives the exception with a
+``RemoteTraceback`` as ``__cause__``, or an ``ExceptionProxy`` when it cannot
+travel. Pool workers first try the plain pickler, by reference: a forked
+worker shares the caller's ``__main__``, so an exception class defined there
+comes back as *the same class* and ``except MyError`` in the caller matches
+(cloudpickle would rebuild ``__main__`` classes by value as new classes).
 """
 
 from __future__ import annotations
@@ -14,51 +14,33 @@ from __future__ import annotations
 import pickle
 import traceback
 
-import cloudpickle
+from fabric.local._exceptions import capture, restore
 
-from fabric.errors import RemoteError
-
-__all__ = ["RemoteTraceback", "pack_exception", "unpack_exception"]
+__all__ = ["pack_exception", "restore"]
 
 
-class RemoteTraceback(Exception):
-    """The formatted traceback of an exception raised in a worker."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.tb}"""'
-
-
-def pack_exception(exc: BaseException) -> bytes:
-    """Pickle ``exc`` and its traceback so that unpickling cannot fail."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    for dumps in (pickle.dumps, cloudpickle.dumps):
+def pack_exception(exc: BaseException, by_reference: bool = True) -> bytes:
+    """Return bytes that ``restore`` turns back into ``exc`` (or its proxy)."""
+    if by_reference:
         try:
-            data: bytes = dumps((exc, tb), 5)
-            pickle.loads(data)
+            data = pickle.dumps(exc, 5)
+            pickle.loads(data)  # a custom __init__ signature only fails here
         except Exception:
-            continue
-        return data
-    proxy = RemoteError(type(exc).__qualname__, _safe_str(exc), tb)
-    return pickle.dumps((proxy, tb), 5)
-
-
-def unpack_exception(data: bytes) -> BaseException:
-    """Rebuild a packed exception with its worker traceback as ``__cause__``."""
-    try:
-        exc, tb = pickle.loads(data)
-    except Exception as err:  # the parent lacks something the worker had
-        tb = f"(the worker's exception could not be unpickled in the caller: {err!r})\n"
-        exc = RemoteError("UnpicklableException", str(err), tb)
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc  # type: ignore[no-any-return]
+            pass
+        else:
+            cls = type(exc)
+            name = (
+                cls.__qualname__
+                if cls.__module__ == "builtins"
+                else (f"{cls.__module__}.{cls.__qualname__}")
+            )
+            tb = "".join(traceback.format_exception(exc))
+            return pickle.dumps((data, name, _safe_str(exc), tb), 5)
+    return capture(exc)
 
 
 def _safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
     except Exception:
-        return f"<str() of {type(exc).__qualname__} failed>"
+        return f"<unprintable {type(exc).__name__} object>"

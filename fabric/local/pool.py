@@ -6,7 +6,7 @@ Differences from ``multiprocessing.Pool`` a caller may notice, all deliberate:
   only its task is retried (``retries=1`` by default); past that the task fails
   with :class:`~fabric.errors.WorkerLostError`. ``multiprocessing`` hangs.
 * An exception that cannot be pickled arrives as
-  :class:`~fabric.errors.RemoteError`; every worker exception has the worker's
+  :class:`~fabric.local.ExceptionProxy`; every worker exception has the worker's
   traceback as ``__cause__``.
 * ``chunksize=None`` (the default everywhere) picks chunks automatically;
   timeouts raise the builtin ``TimeoutError``.

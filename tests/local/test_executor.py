@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from fabric.local import Executor
-from fabric.local._remote_errors import RemoteTraceback
+from fabric.local import Executor, RemoteTraceback
 from tests.local import _pool_helpers as h
 
 EXECUTORS: dict[str, Callable[..., Any]] = {
