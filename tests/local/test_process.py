@@ -177,7 +177,7 @@ def test_kwargs_reach_the_target(kind: str) -> None:
 # -- process extras --------------------------------------------------------------------
 
 
-def exit_with(code: object) -> None:
+def exit_with(code: str | int | None) -> None:
     sys.exit(code)
 
 
