@@ -129,6 +129,7 @@ class ForkServerPopen:
         (self.pid,) = PID.unpack(reply)
         self.sentinel = self._status.fileno()
         self.returncode: int | None = None
+        self._lost = False  # the server died before reporting: the child may still run
         self._lock = threading.Lock()
         try:
             self._pidfd = os.pidfd_open(self.pid)
@@ -155,6 +156,7 @@ class ForkServerPopen:
         reply = self._status.recv(CODE.size, socket.MSG_WAITALL)
         if len(reply) != CODE.size:
             _log.warning("fork server died before reporting child %d's exit code", self.pid)
+            self._lost = True
             return _LOST
         (code,) = CODE.unpack(reply)
         return int(code)
@@ -165,7 +167,7 @@ class ForkServerPopen:
         return self.poll()
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is not None or self._pidfd < 0:
+        if (self.returncode is not None and not self._lost) or self._pidfd < 0:
             return
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self._pidfd, sig)
