@@ -156,7 +156,7 @@ class ObjectHost:
         if replies is not None:
             return replies
         if method == TICK:
-            return self.expire(now)
+            return [*self.expire(now), self._finish(session, seq, True, encode_ok(None))]
         try:
             args, kwargs, thread, token = cloudpickle.loads(payload)
             if method == RELEASE:
@@ -226,9 +226,13 @@ class ObjectHost:
 
     # --- requests --------------------------------------------------------------------
     def _create(
-        self, session: bytes, typeid: str, name: str | None, args: tuple[Any, ...],
+        self,
+        session: bytes,
+        typeid: str,
+        name: str | None,
+        args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> ObjRef:  # fmt: skip
+    ) -> ObjRef:
         spec = self._types.get(typeid)
         if spec is None:
             raise TypeError(f"no type {typeid!r} is registered with this host")
@@ -261,9 +265,17 @@ class ObjectHost:
             parked.gen.close()
 
     def _call(
-        self, session: bytes, seq: int, now: float, obj_id: str, method: str,
-        args: tuple[Any, ...], kwargs: dict[str, Any], thread: int = 0, token: int | None = None,
-    ) -> list[Reply]:  # fmt: skip
+        self,
+        session: bytes,
+        seq: int,
+        now: float,
+        obj_id: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        thread: int = 0,
+        token: int | None = None,
+    ) -> list[Reply]:
         try:
             entry = self._objects.get(obj_id)
             if entry is None:

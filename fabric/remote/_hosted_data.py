@@ -25,9 +25,22 @@ class Dict:
     """A dict whose values stay pickled on the host."""
 
     EXPOSED: tuple[str, ...] = (
-        "__getitem__", "__setitem__", "__delitem__", "__contains__", "__len__", "keys",
-        "values", "items", "get", "pop", "popitem", "setdefault", "update", "clear", "copy",
-    )  # fmt: skip
+        "__getitem__",
+        "__setitem__",
+        "__delitem__",
+        "__contains__",
+        "__len__",
+        "keys",
+        "values",
+        "items",
+        "get",
+        "pop",
+        "popitem",
+        "setdefault",
+        "update",
+        "clear",
+        "copy",
+    )
 
     def __init__(self, items: Iterable[tuple[Any, Blob]] = ()) -> None:
         self._d: dict[Any, Blob] = dict(items)
@@ -94,9 +107,23 @@ class List:
     """A list whose items stay pickled on the host."""
 
     EXPOSED: tuple[str, ...] = (
-        "__getitem__", "__setitem__", "__delitem__", "__len__", "__contains__", "append",
-        "extend", "insert", "pop", "remove", "index", "count", "reverse", "sort", "clear", "copy",
-    )  # fmt: skip
+        "__getitem__",
+        "__setitem__",
+        "__delitem__",
+        "__len__",
+        "__contains__",
+        "append",
+        "extend",
+        "insert",
+        "pop",
+        "remove",
+        "index",
+        "count",
+        "reverse",
+        "sort",
+        "clear",
+        "copy",
+    )
 
     def __init__(self, items: Iterable[Blob] = ()) -> None:
         self._l: list[Blob] = list(items)
@@ -261,8 +288,9 @@ class Queue:
                 raise queue.Empty
         return self._items.popleft()
 
-    def get_many(self, ctx: Ctx, max_items: int, block: bool = True,
-                 timeout: float | None = None) -> Wait[list[Blob]]:  # fmt: skip
+    def get_many(
+        self, ctx: Ctx, max_items: int, block: bool = True, timeout: float | None = None
+    ) -> Wait[list[Blob]]:
         limit = deadline(ctx.now, block, timeout)
         while not self._items:
             if (yield limit):

@@ -79,9 +79,13 @@ class BaseProxy:
         return f"<{type(self).__name__} {ref.typeid} #{ref.obj_id} via {self._conn.address}>"
 
     def _call(
-        self, method: str, *args: Any, wait: float | None = 0.0, token: int | None = None,
+        self,
+        method: str,
+        *args: Any,
+        wait: float | None = 0.0,
+        token: int | None = None,
         **kwargs: Any,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         """Call ``method`` on the host, which may park it ``wait`` seconds (None: forever)."""
         payload = dumps((args, kwargs, threading.get_ident(), token))
         reply = self._conn.call(self._ref.host, self._ref.obj_id, method, payload, wait)

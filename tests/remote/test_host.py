@@ -90,8 +90,9 @@ def test_deadlines_time_out_parked_calls(host: ObjectHost) -> None:
     q = new(host, A, 1, "Queue")
     assert host.call(A, 2, q, "get", args(True, 5.0), 0.0) == []
     assert host.next_deadline() == 5.0
-    assert host.call(B, 1, q, TICK, b"", 4.0) == []
-    (reply,) = host.call(B, 2, q, TICK, b"", 5.0)
+    assert [r[:2] for r in host.call(B, 1, q, TICK, b"", 4.0)] == [(B, 1)]
+    reply, tick = host.call(B, 2, q, TICK, b"", 5.0)
+    assert tick[:3] == (B, 2, True)
     assert reply[:3] == (A, 2, False)
     with pytest.raises(Exception) as caught:
         value(reply)
