@@ -139,9 +139,14 @@ class Connection:
         pending = self._post_call(
             Call(host=host, call=seq, object=obj_id, method=method, payload=(payload,))
         )
-        if wait is not None and not pending.done.wait(wait):
-            # let the host's clock pass our deadline even where nothing else drives it
-            self._post_call(Call(host=host, call=next(self._seq), object=obj_id, method=TICK))
+        if wait is not None:
+            # Let the host's clock pass our deadline even where nothing else drives it.
+            # The host timed the call from when it got it, a little after we sent it,
+            # so keep nudging (less and less often) until the reply comes.
+            pause = wait
+            while not pending.done.wait(pause):
+                self._post_call(Call(host=host, call=next(self._seq), object=obj_id, method=TICK))
+                pause = min(max(pause, 0.005) * 2, 1.0)
         return self._await(pending)
 
     def create(self, host: str, typeid: str, name: str, payload: bytes) -> bytes:

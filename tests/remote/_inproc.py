@@ -95,8 +95,10 @@ class InprocClient:
         self, host: str, obj_id: str, method: str, payload: bytes, wait: float | None
     ) -> bytes:
         done, box = self.hub.send("call", self.session, self._next(), obj_id, method, payload)
-        if wait is not None and not done.wait(wait):
+        pause = wait
+        while pause is not None and not done.wait(pause):
             self.hub.send("call", self.session, self._next(), obj_id, TICK, b"")
+            pause = min(max(pause, 0.005) * 2, 1.0)
         if not done.wait(10):
             raise TimeoutError("no reply from the in-process host")
         return box[0]
