@@ -28,6 +28,7 @@ class PidfdPopen:
         self.returncode: int | None = None
         self._lock = threading.Lock()
         self._closer = weakref.finalize(self, os.close, self.sentinel)
+        self._closer.atexit = False  # needed by the exit handler that reaps children
 
     def _reap(self) -> int | None:
         try:

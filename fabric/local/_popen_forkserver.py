@@ -137,6 +137,7 @@ class ForkServerPopen:
         except ProcessLookupError:  # already exited and reaped by the server
             self._pidfd = -1
         self._closer = weakref.finalize(self, _release, self._status, self._pidfd)
+        self._closer.atexit = False  # needed by the exit handler that reaps children
 
     @staticmethod
     def _request(fds: list[int]) -> socket.socket:

@@ -183,6 +183,7 @@ class Process:
         self._report_fd = report_fd
         # Closed once the exception is read, or when this object is collected.
         self._report_closer = weakref.finalize(self, os.close, report_fd)
+        self._report_closer.atexit = False
         _state.children.add(self)
 
     def join(self, timeout: float | None = None) -> None:
