@@ -191,18 +191,26 @@ class Engine:
 
     def submit(self, task: Task) -> None:
         """Queue a task; raise if the pool no longer accepts work."""
-        self.submit_many((task,))
+        if self._state != _RUNNING or self._broken is not None:
+            self._refuse()
+        self._pending.append(task)
+        if self._sleeping:
+            self._wake()
 
     def submit_many(self, tasks: Sequence[Task]) -> None:
+        """Queue tasks; raise if the pool no longer accepts work."""
+        if self._state != _RUNNING or self._broken is not None:
+            self._refuse()
+        self._pending.extend(tasks)
+        if self._sleeping:
+            self._wake()
+
+    def _refuse(self) -> None:
         if self._broken is not None:
             raise BrokenExecutor(
                 f"the pool is broken: a worker's initializer failed: {self._broken!r}"
             ) from self._broken
-        if self._state != _RUNNING:
-            raise ValueError("the pool is not running (closed or terminated)")
-        self._pending.extend(tasks)
-        if self._sleeping:
-            self._wake()
+        raise ValueError("the pool is not running (closed or terminated)")
 
     def close(self) -> None:
         """Accept no more tasks; workers exit once the queued ones are done."""
@@ -455,11 +463,25 @@ class Engine:
     def _on_message(self, worker: _Worker, kind: str, body: Any) -> None:
         if kind == wire.DONE:
             total = 0.0
+            inflight, loads = worker.inflight, pickle.loads
             for task_id, ok, blob, seconds in body:
                 total += seconds
-                task = worker.inflight.pop(task_id, None)
-                if task is not None:
-                    self._deliver(task, ok, blob, seconds)
+                task = inflight.pop(task_id, None)
+                if task is None:
+                    continue
+                if ok:  # the hot path, inlined: one loads, one deliver
+                    try:
+                        value = loads(blob)
+                    except Exception as exc:
+                        self._finish(task, False, self._unpicklable(task, exc), seconds)
+                        continue
+                    self._done += 1
+                    try:
+                        task.deliver(True, value, seconds)
+                    except Exception:
+                        log.exception("delivering the result of %s failed", task.describe())
+                else:
+                    self._finish(task, False, restore(blob), seconds)
             per_task = total / len(body)
             if self._task_time:
                 per_task = self._task_time + _EWMA * (per_task - self._task_time)
@@ -467,20 +489,9 @@ class Engine:
         elif kind == wire.INIT_ERROR:
             self._break(restore(body))
 
-    def _deliver(self, task: Task, ok: bool, blob: bytes, seconds: float) -> None:
-        if ok:
-            try:
-                value: Any = pickle.loads(blob)
-            except Exception as exc:
-                ok = False
-                value = ExceptionProxy(
-                    type(exc).__qualname__,
-                    f"the result of {task.describe()} could not be unpickled: {exc}",
-                    "",
-                )
-        else:
-            value = restore(blob)
-        self._finish(task, ok, value, seconds)
+    def _unpicklable(self, task: Task, exc: Exception) -> ExceptionProxy:
+        message = f"the result of {task.describe()} could not be unpickled: {exc}"
+        return ExceptionProxy(type(exc).__qualname__, message, "")
 
     def _finish(self, task: Task, ok: bool, value: Any, seconds: float) -> None:
         if ok:

@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _Executor
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, ParamSpec, TypeVar
 
 from fabric.local import _pool_wire as wire
@@ -42,14 +42,14 @@ class _FutureTask(Task):
         return self.future.set_running_or_notify_cancel()
 
     def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        if self.future.done():
-            return
-        if not self.future.running():  # failed before a worker took it (pickling)
-            self.future.set_running_or_notify_cancel()
-        if ok:
-            self.future.set_result(value)
-        else:
-            self.future.set_exception(value)
+        # One state check, inside set_*: a cancelled future refuses the outcome.
+        try:
+            if ok:
+                self.future.set_result(value)
+            else:
+                self.future.set_exception(value)
+        except InvalidStateError:
+            pass
 
 
 class Executor(_Executor):
