@@ -67,6 +67,7 @@ _EWMA = 0.2
 _PIPE_SIZE = 1 << 20
 _READ_SIZE = 1 << 20
 _START_METHODS = ("fork", "spawn")
+_EARLY_DEATHS = 3  # workers dying before READY this many times in a row break the pool
 _task_ids = itertools.count(1)
 
 
@@ -122,6 +123,7 @@ class _Worker:
         "outbuf",
         "pid",
         "pidfd",
+        "ready",
         "retiring",
         "sent",
         "task_fd",
@@ -138,6 +140,7 @@ class _Worker:
         self.inbuf = bytearray()
         self.sent = 0
         self.retiring = False
+        self.ready = False
 
     def fds(self) -> list[int]:
         return [self.task_fd, self.out_fd, self.pidfd]
@@ -170,10 +173,11 @@ class Engine:
         self._workers: list[_Worker | None] = [None] * processes
         self._by_fd: dict[int, _Worker] = {}
         self._state = _RUNNING
-        self._broken: BaseException | None = None
+        self._broken: BrokenExecutor | None = None
         self._sleeping = False
         self._task_time = 0.0  # EWMA of seconds per task, 0 until measured
         self._done = self._failed = self._lost = self._retried = 0
+        self._early_deaths = 0
         self._ref_blobs: dict[int, tuple[Callable[..., Any], bytes]] = {}
         self._slots_fd = os.memfd_create("fabric-pool-slots", os.MFD_CLOEXEC)
         os.ftruncate(self._slots_fd, max(mmap.PAGESIZE, processes * _pool_worker.SLOT_STRIDE))
@@ -207,9 +211,7 @@ class Engine:
 
     def _refuse(self) -> None:
         if self._broken is not None:
-            raise BrokenExecutor(
-                f"the pool is broken: a worker's initializer failed: {self._broken!r}"
-            ) from self._broken
+            raise BrokenExecutor(str(self._broken)) from self._broken.__cause__
         raise ValueError("the pool is not running (closed or terminated)")
 
     def close(self) -> None:
@@ -486,8 +488,12 @@ class Engine:
             if self._task_time:
                 per_task = self._task_time + _EWMA * (per_task - self._task_time)
             self._task_time = per_task
+        elif kind == wire.READY:
+            worker.ready = True
+            self._early_deaths = 0
         elif kind == wire.INIT_ERROR:
-            self._break(restore(body))
+            cause = restore(body)
+            self._break(f"a worker's initializer failed: {cause!r}", cause)
 
     def _unpicklable(self, task: Task, exc: Exception) -> ExceptionProxy:
         message = f"the result of {task.describe()} could not be unpickled: {exc}"
@@ -547,7 +553,10 @@ class Engine:
         for fd in fds:
             os.set_inheritable(fd, True)
         try:
-            code = "from fabric.local._pool_worker import spawn_main; spawn_main()"
+            code = (
+                f"import sys; sys.path[:] = {list(sys.path)!r}; "
+                "from fabric.local._pool_worker import spawn_main; spawn_main()"
+            )
             argv = [sys.executable, "-c", code, str(os.getpid()), *map(str, fds), str(index)]
             return os.posix_spawn(sys.executable, argv, os.environ, setpgroup=0)
         finally:
@@ -573,6 +582,14 @@ class Engine:
                 self._charge(task, worker, code)
             else:
                 self._pending.appendleft(task)
+        if not worker.ready and self._broken is None:
+            self._early_deaths += 1
+            if self._early_deaths >= _EARLY_DEATHS:
+                reason = (
+                    f"{_EARLY_DEATHS} workers in a row died before they were ready; "
+                    f"the last one {_cause(code)}"
+                )
+                self._break(reason, None)
         if self._broken is None and (self._state == _RUNNING or self._pending):
             self._start_worker(worker.index)
 
@@ -611,14 +628,13 @@ class Engine:
                 worker.outbuf += wire.encode(wire.STOP, None)
                 self._flush(worker)
 
-    def _break(self, cause: BaseException) -> None:
+    def _break(self, reason: str, cause: BaseException | None) -> None:
         if self._broken is not None:
             return
-        log.error("a pool worker's initializer failed; the pool is broken: %r", cause)
-        self._broken = cause
-        error = BrokenExecutor(f"a worker's initializer failed: {cause!r}")
-        error.__cause__ = cause
-        self._fail_all(error)
+        log.error("the pool is broken: %s", reason)
+        self._broken = BrokenExecutor(f"the pool is broken: {reason}")
+        self._broken.__cause__ = cause
+        self._fail_all(self._broken)
         self._state = _TERMINATING
 
     def _fail_all(self, error: BaseException) -> None:

@@ -292,3 +292,13 @@ def test_imap_progress_bar_forced(pool: Pool, capsys: pytest.CaptureFixture[str]
     pytest.importorskip("tqdm")
     assert list(pool.imap(h.square, range(6), progress="force")) == [x * x for x in range(6)]
     assert "6/6" in capsys.readouterr().err
+
+
+def test_workers_that_cannot_start_break_the_pool() -> None:
+    from concurrent.futures import BrokenExecutor
+
+    with (
+        Pool(1, initializer=os._exit, initargs=(3,)) as pool,
+        pytest.raises(BrokenExecutor, match=r"died before they were ready.*code 3"),
+    ):
+        pool.apply(h.square, (2,))
