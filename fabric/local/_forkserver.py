@@ -23,6 +23,7 @@ inherited copy). Daemonic children, forked by the server's only thread, carry
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import selectors
@@ -102,7 +103,13 @@ def _run_child(launch_fd: int, fds: list[int], server_pid: int) -> int:
     from fabric.local import _bootstrap
 
     launch = _bootstrap.read_launch(launch_fd)
-    return _bootstrap.child_main(launch, fds, expected_ppid=server_pid, long_lived_starter=True)
+    code = _bootstrap.child_main(launch, fds, expected_ppid=server_pid, long_lived_starter=True)
+    # Like a spawned interpreter, run the exit handlers registered here (weakref
+    # finalizers dropping shared-block references, logging's flush); the server
+    # registered none of its own that could misfire in a child.
+    atexit._run_exitfuncs()
+    _bootstrap.flush_std_streams()
+    return code
 
 
 def _child_exited(

@@ -287,17 +287,7 @@ def test_no_leak_after_child_exit(spawn: Callable[..., Child], mode: str) -> Non
 
 
 @pytest.mark.parametrize("mode", ["exit", "raise"])
-def test_child_drops_its_block_reference(
-    request: pytest.FixtureRequest, spawn: Callable[..., Child], mode: str
-) -> None:
-    if request.node.callspec.params["ctx"] == "forkserver":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="forkserver children leave with os._exit, skipping the _shm finalizers "
-                "that drop block references (the block is then never reused)",
-            )
-        )
+def test_child_drops_its_block_reference(spawn: Callable[..., Child], mode: str) -> None:
     lock = fabric.local.Lock()
     header = lock._block.offset - 64
     refs = lock._block.segment.mmap[header : header + 4]
