@@ -62,11 +62,21 @@ def _local_cluster(workers: int) -> Iterator[tuple[str, str]]:
         generate(keys)
         services = [factory() for factory in broker_services()]
         with Broker("tcp://127.0.0.1:0", keys=keys, services=services) as broker:
-            broker.start()
             nodes = [
                 subprocess.Popen(
-                    [sys.executable, "-m", "fabric", "worker", broker.address, "--keys", keys,
-                     "--processes", "1", "--name", f"demo-worker-{i}"],
+                    [
+                        sys.executable,
+                        "-m",
+                        "fabric",
+                        "worker",
+                        broker.address,
+                        "--keys",
+                        keys,
+                        "--processes",
+                        "1",
+                        "--name",
+                        f"demo-worker-{i}",
+                    ],
                 )
                 for i in range(1, workers + 1)
             ]
