@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from fabric.local import _pool_wire as wire
-from fabric.local._pool_engine import Engine, Task
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import Task
 
 __all__ = ["AsyncResult", "CallTask", "IMapIterator", "MapResult", "chunk_bounds"]
 

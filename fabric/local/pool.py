@@ -21,11 +21,20 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, TypeVar
 
-from fabric.local._pool_engine import DEFAULT_RETRIES, Engine, Statistics
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import DEFAULT_RETRIES, Statistics, TerminatedError
 from fabric.local._progress import Progress, progress_bar
 from fabric.local._results import AsyncResult, CallTask, IMapIterator, MapResult, chunk_bounds
 
-__all__ = ["DEFAULT_RETRIES", "AsyncResult", "IMapIterator", "MapResult", "Pool", "Statistics"]
+__all__ = [
+    "DEFAULT_RETRIES",
+    "AsyncResult",
+    "IMapIterator",
+    "MapResult",
+    "Pool",
+    "Statistics",
+    "TerminatedError",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")

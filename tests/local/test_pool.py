@@ -214,7 +214,7 @@ def test_imap_next_timeout(pool: Pool, gate: h.Gate) -> None:
 
 
 def test_terminate_fails_unfinished_results(gate: h.Gate) -> None:
-    from fabric.local._pool_engine import TerminatedError
+    from fabric.local.pool import TerminatedError
 
     pool = Pool(1)
     running = pool.apply_async(h.pass_gate, (gate.read_fd,))
