@@ -5,4 +5,10 @@ Change ``from threading import Thread`` to ``from fabric.local import Process``
 every core. Nothing here imports zmq or the remote layer.
 """
 
-__all__: list[str] = []
+from fabric.local.queues import JoinableQueue, Queue, SimpleQueue
+
+__all__: list[str] = [
+    "JoinableQueue",
+    "Queue",
+    "SimpleQueue",
+]
