@@ -8,6 +8,7 @@ import pickle
 import queue
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -308,3 +309,18 @@ def test_bad_arguments_are_clear_errors() -> None:
         Queue(maxsize="3")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Queue().get_many(max_messages_to_get=0)
+
+
+def _echo(inbox: Queue, outbox: Queue) -> None:
+    outbox.put(("got", inbox.get(timeout=30)))
+
+
+def test_queue_reaches_children_under_every_start_method(ctx: Any) -> None:
+    inbox, outbox = ctx.Queue(), ctx.JoinableQueue()
+    p = ctx.Process(target=_echo, args=(inbox, outbox))
+    p.start()
+    inbox.put(np.arange(5))
+    kind, arr = outbox.get(timeout=30)
+    p.join(30)
+    assert p.exitcode == 0
+    assert kind == "got" and np.array_equal(arr, np.arange(5))

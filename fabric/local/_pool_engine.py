@@ -1,0 +1,545 @@
+"""The engine under Pool and Executor: worker processes, task dispatch, crash recovery.
+
+Theory of operation
+-------------------
+One daemon thread per pool (the *loop*) owns every worker and every fd; callers
+only append tasks to ``pending`` and ring an eventfd, and only when the loop
+said it was about to sleep, so a burst of submissions costs no system call.
+
+Each worker has its own pair of pipes (tasks in, results out): no lock is
+shared between workers, so a worker killed at any instant cannot block the
+others, and the parent always knows which worker holds which task. The loop
+*pushes* batches of tasks to a worker up to a credit sized from the measured
+task duration (about ``_QUEUE_AHEAD_S`` of work each, at least one, at most
+``_MAX_BATCH``), so no-op tasks travel hundreds per write while 10 ms tasks go
+two at a time and the last ones still spread evenly over the workers. Workers
+batch their results the same way (``_pool_worker``).
+
+A worker's death is seen on its pidfd. The loop drains what the worker had
+already sent, reaps it, reads the worker's shared-memory slot (the id of the
+task it was running, or 0) and charges only that task: it is requeued until it
+has taken down ``1 + retries`` workers, then fails with ``WorkerLostError``.
+The worker's other, not yet started tasks go back to the front of the queue
+uncharged. A replacement worker starts in the same slot.
+
+Workers are started *from the loop thread* so that ``PR_SET_PDEATHSIG`` (which
+fires when the parent *thread* exits) follows the pool's lifetime, not the
+lifetime of whichever thread created the pool.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import logging
+import mmap
+import os
+import pickle
+import selectors
+import signal
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import BrokenExecutor
+from typing import Any
+
+import cloudpickle
+
+from fabric.errors import WorkerLostError
+from fabric.local import _pool_launch as launch
+from fabric.local import _pool_wire as wire
+from fabric.local import _pool_worker
+from fabric.local._exceptions import ExceptionProxy, restore
+from fabric.local._pool_launch import WorkerHandle
+from fabric.local._pool_task import Statistics, Task, TerminatedError
+
+__all__ = ["Engine"]
+
+log = logging.getLogger(__name__)
+
+_QUEUE_AHEAD_S = 0.004  # work queued per worker: hides a round trip, keeps the tail even
+_MAX_BATCH = 1024
+_EWMA = 0.2
+_READ_SIZE = 1 << 20
+_EARLY_DEATHS = 3  # workers dying before READY this many times in a row break the pool
+
+
+_RUNNING, _CLOSING, _TERMINATING = "running", "closing", "terminating"
+
+
+class Engine:
+    """Run tasks on ``processes`` worker processes; survive their deaths."""
+
+    def __init__(
+        self,
+        processes: int,
+        initializer: Callable[..., object] | None,
+        initargs: tuple[Any, ...],
+        maxtasks: int | None,
+        retries: int,
+        start_method: str,
+    ) -> None:
+        if start_method not in launch.START_METHODS:
+            raise ValueError(
+                f"the pool starts workers with one of {launch.START_METHODS}, not {start_method!r}"
+            )
+        config = _pool_worker.WorkerConfig(initializer, initargs, maxtasks, list(sys.path))
+        self._config = wire.encode(wire.CONFIG, cloudpickle.dumps(config, 5))
+        self.processes = processes
+        self._maxtasks = maxtasks
+        self._retries = retries
+        self._spawn = start_method == "spawn"
+        self._pending: collections.deque[Task] = collections.deque()
+        self._workers: list[WorkerHandle | None] = [None] * processes
+        self._by_fd: dict[int, WorkerHandle] = {}
+        self._state = _RUNNING
+        self._broken: BrokenExecutor | None = None
+        self._sleeping = False
+        self._task_time = 0.0  # EWMA of seconds per task, 0 until measured
+        self._done = self._failed = self._lost = self._retried = 0
+        self._early_deaths = 0
+        self._pickler = wire.Pickler(self._spawn)
+        self._slots_fd = os.memfd_create("fabric-pool-slots", os.MFD_CLOEXEC)
+        os.ftruncate(self._slots_fd, max(mmap.PAGESIZE, processes * _pool_worker.SLOT_STRIDE))
+        self._slots = mmap.mmap(self._slots_fd, 0)
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wake_lock = threading.Lock()
+        self._selector = selectors.EpollSelector()
+        self._selector.register(self._wake_fd, selectors.EVENT_READ)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fabric-pool", daemon=True)
+        _live.add(self)
+        self._thread.start()
+
+    # -- called from any thread ------------------------------------------------
+
+    def submit(self, task: Task) -> None:
+        """Queue a task; raise if the pool no longer accepts work."""
+        if self._state != _RUNNING or self._broken is not None:
+            self._refuse()
+        self._pending.append(task)
+        if self._sleeping:
+            self._wake()
+
+    def submit_many(self, tasks: Sequence[Task]) -> None:
+        """Queue tasks; raise if the pool no longer accepts work."""
+        if self._state != _RUNNING or self._broken is not None:
+            self._refuse()
+        self._pending.extend(tasks)
+        if self._sleeping:
+            self._wake()
+
+    def _refuse(self) -> None:
+        if self._broken is not None:
+            raise BrokenExecutor(str(self._broken)) from self._broken.__cause__
+        raise ValueError("the pool is not running (closed or terminated)")
+
+    def close(self) -> None:
+        """Accept no more tasks; workers exit once the queued ones are done."""
+        if self._state == _RUNNING:
+            self._state = _CLOSING
+            self._wake()
+
+    def terminate(self) -> None:
+        """Kill the workers now; unfinished tasks fail with TerminatedError."""
+        self._state = _TERMINATING
+        self._wake()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the loop to finish; return True if it has."""
+        return self._stopped.wait(timeout)
+
+    @property
+    def accepting(self) -> bool:
+        return self._state == _RUNNING and self._broken is None
+
+    def cancel_pending(self, cancel: Callable[[Task], bool]) -> None:
+        """Drop each queued task for which ``cancel`` returns True; keep the others."""
+        kept = []
+        while True:
+            try:
+                task = self._pending.popleft()
+            except IndexError:
+                break
+            if not cancel(task):
+                kept.append(task)
+        self._pending.extendleft(reversed(kept))
+
+    def _take_pending(self) -> list[Task]:
+        taken = list(self._pending)
+        self._pending.clear()
+        return taken
+
+    def statistics(self) -> Statistics:
+        workers = [w for w in self._workers if w is not None]
+        return Statistics(
+            workers=len(workers),
+            pending=len(self._pending),
+            running=sum(len(w.inflight) for w in workers),
+            done=self._done,
+            failed=self._failed,
+            workers_lost=self._lost,
+            retries=self._retried,
+        )
+
+    def _wake(self) -> None:
+        with self._wake_lock:  # never write to the fd number once the loop closed it
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
+
+    # -- the loop thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            for index in range(self.processes):
+                self._start_worker(index)
+            while self._step():
+                pass
+        except BaseException:
+            log.exception("fabric pool loop failed; terminating the pool")
+        finally:
+            self._shutdown()
+
+    def _step(self) -> bool:
+        if self._state == _TERMINATING:
+            return False
+        self._dispatch()
+        if self._state == _CLOSING and not self._pending and self._idle():
+            if not any(self._workers):
+                return False
+            self._stop_workers()
+        self._sleeping = True
+        if self._pending and self._has_room():
+            self._sleeping = False
+            return True
+        events = self._selector.select()
+        self._sleeping = False
+        for key, mask in events:
+            self._on_event(key.fd, mask)
+        return True
+
+    def _idle(self) -> bool:
+        return not any(w.inflight for w in self._workers if w is not None)
+
+    def _on_event(self, fd: int, mask: int) -> None:
+        if fd == self._wake_fd:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)
+            return
+        worker = self._by_fd.get(fd)
+        if worker is None:
+            return
+        if fd == worker.pidfd:
+            self._on_exit(worker)
+        elif fd == worker.out_fd:
+            self._read(worker)
+        elif mask & selectors.EVENT_WRITE:
+            self._flush(worker)
+
+    # -- dispatch --------------------------------------------------------------
+
+    def _credit(self, worker: WorkerHandle) -> int:
+        if worker.retiring:
+            return 0
+        if self._task_time <= 0:
+            limit = 8
+        else:
+            limit = 1 + max(1, min(_MAX_BATCH, int(_QUEUE_AHEAD_S / self._task_time)))
+        room = limit - len(worker.inflight)
+        if self._maxtasks is not None:
+            room = min(room, self._maxtasks - worker.sent)
+        return room
+
+    def _has_room(self) -> bool:
+        return any(w is not None and self._credit(w) > 0 for w in self._workers)
+
+    def _dispatch(self) -> None:
+        if not self._pending or self._broken is not None:
+            return
+        workers = sorted((w for w in self._workers if w is not None), key=lambda w: len(w.inflight))
+        for i, worker in enumerate(workers):
+            # A fair share each, so four chunks go two and two, not four to the first.
+            share = -(-len(self._pending) // (len(workers) - i))
+            room = min(self._credit(worker), share)
+            batch: list[Task] = []
+            while room > 0 and self._pending:
+                task = self._pending.popleft()
+                if task.payload is not None or task.claim():  # claim once, on first send
+                    batch.append(task)
+                    room -= 1
+            if batch:
+                self._send(worker, batch)
+            if not self._pending:
+                return
+
+    def _send(self, worker: WorkerHandle, batch: list[Task]) -> None:
+        blobs: list[bytes] = []
+        index: dict[int, int] = {}
+        items = []
+        for task in batch:
+            try:
+                fn_index = index.get(id(task.fn))
+                if fn_index is None:
+                    fn_index = index[id(task.fn)] = len(blobs)
+                    blobs.append(self._pickler.function(task.fn))
+                if task.payload is None:
+                    task.payload = self._pickler.dumps(
+                        (task.args, task.kwargs) if task.kind == wire.CALL else task.args
+                    )
+            except Exception as exc:
+                self._finish(task, False, exc, 0.0)
+                continue
+            items.append((task.id, fn_index, task.kind, task.payload))
+            worker.inflight[task.id] = task
+        if not items:
+            return
+        worker.sent += len(items)
+        if self._maxtasks is not None and worker.sent >= self._maxtasks:
+            worker.retiring = True
+        worker.outbuf += wire.encode(wire.TASKS, (blobs, items))
+        self._flush(worker)
+
+    def _flush(self, worker: WorkerHandle) -> None:
+        try:
+            while worker.outbuf:
+                written = os.write(worker.task_fd, worker.outbuf)
+                del worker.outbuf[:written]
+        except BlockingIOError:
+            pass
+        except (BrokenPipeError, OSError):  # the worker died: its pidfd will tell us how
+            worker.outbuf.clear()
+        # The task fd is registered (for writing) only while bytes wait to go out.
+        if worker.outbuf:
+            self._register(worker.task_fd, selectors.EVENT_WRITE, worker)
+        else:
+            self._unregister(worker.task_fd)
+
+    def _register(self, fd: int, events: int, worker: WorkerHandle) -> None:
+        try:
+            self._selector.register(fd, events)
+        except KeyError:
+            return
+        self._by_fd[fd] = worker
+
+    def _unregister(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fd)
+
+    # -- results ---------------------------------------------------------------
+
+    def _read(self, worker: WorkerHandle) -> bool:
+        """Take what the worker sent; return False at end of file."""
+        while True:
+            try:
+                data = os.read(worker.out_fd, _READ_SIZE)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                self._unregister(worker.out_fd)
+                return False
+            worker.inbuf += data
+            self._parse(worker)
+            if len(data) < _READ_SIZE:
+                return True
+
+    def _parse(self, worker: WorkerHandle) -> None:
+        buf, pos, size = worker.inbuf, 0, wire.HEADER.size
+        while len(buf) - pos >= size:
+            (length,) = wire.HEADER.unpack_from(buf, pos)
+            if len(buf) - pos - size < length:
+                break
+            kind, body = pickle.loads(memoryview(buf)[pos + size : pos + size + length])
+            pos += size + length
+            self._on_message(worker, kind, body)
+        del buf[:pos]
+
+    def _on_message(self, worker: WorkerHandle, kind: str, body: Any) -> None:
+        if kind == wire.DONE:
+            total = 0.0
+            inflight, loads = worker.inflight, pickle.loads
+            for task_id, ok, blob, seconds in body:
+                total += seconds
+                task = inflight.pop(task_id, None)
+                if task is None:
+                    continue
+                if ok:  # the hot path, inlined: one loads, one deliver
+                    try:
+                        value = loads(blob)
+                    except Exception as exc:
+                        self._finish(task, False, self._unpicklable(task, exc), seconds)
+                        continue
+                    self._done += 1
+                    try:
+                        task.deliver(True, value, seconds)
+                    except Exception:
+                        log.exception("delivering the result of %s failed", task.describe())
+                else:
+                    self._finish(task, False, restore(blob), seconds)
+            per_task = total / len(body)
+            if self._task_time:
+                per_task = self._task_time + _EWMA * (per_task - self._task_time)
+            self._task_time = per_task
+        elif kind == wire.READY:
+            worker.ready = True
+            self._early_deaths = 0
+        elif kind == wire.INIT_ERROR:
+            cause = restore(body)
+            self._break(f"a worker's initializer failed: {cause!r}", cause)
+
+    def _unpicklable(self, task: Task, exc: Exception) -> ExceptionProxy:
+        message = f"the result of {task.describe()} could not be unpickled: {exc}"
+        return ExceptionProxy(type(exc).__qualname__, message, "")
+
+    def _finish(self, task: Task, ok: bool, value: Any, seconds: float) -> None:
+        if ok:
+            self._done += 1
+        else:
+            self._failed += 1
+        try:
+            task.deliver(ok, value, seconds)
+        except Exception:
+            log.exception("delivering the result of %s failed", task.describe())
+
+    # -- worker life -----------------------------------------------------------
+
+    def _start_worker(self, index: int) -> None:
+        _pool_worker.SLOT.pack_into(self._slots, index * _pool_worker.SLOT_STRIDE, 0)
+        parent_only = [self._wake_fd, self._selector.fileno()]
+        for other in self._workers:
+            if other is not None:
+                parent_only += other.fds()
+        worker = launch.start(index, self._spawn, self._slots_fd, parent_only)
+        self._workers[index] = worker
+        for fd in (worker.pidfd, worker.out_fd):
+            self._register(fd, selectors.EVENT_READ, worker)
+        worker.outbuf += self._config
+        self._flush(worker)
+
+    def _on_exit(self, worker: WorkerHandle) -> None:
+        self._read(worker)  # results sent before the death still count
+        _, status = os.waitpid(worker.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        running = _pool_worker.SLOT.unpack_from(
+            self._slots, worker.index * _pool_worker.SLOT_STRIDE
+        )[0]
+        self._forget(worker)
+        lost = bool(worker.inflight) or (code != 0 and self._state == _RUNNING)
+        if lost:
+            self._lost += 1
+            log.warning(
+                "pool worker %d (pid %d) exited: %s",
+                worker.index,
+                worker.pid,
+                launch.describe_exit(code),
+            )
+        for task in reversed(list(worker.inflight.values())):
+            if task.id == running:
+                self._charge(task, worker, code)
+            else:
+                self._pending.appendleft(task)
+        if not worker.ready and self._broken is None:
+            self._early_deaths += 1
+            if self._early_deaths >= _EARLY_DEATHS:
+                reason = (
+                    f"{_EARLY_DEATHS} workers in a row died before they were ready; "
+                    f"the last one {launch.describe_exit(code)}"
+                )
+                self._break(reason, None)
+        if self._broken is None and (self._state == _RUNNING or self._pending):
+            self._start_worker(worker.index)
+
+    def _charge(self, task: Task, worker: WorkerHandle, code: int) -> None:
+        task.attempts += 1
+        if task.attempts <= self._retries:
+            self._retried += 1
+            log.warning(
+                "retrying %s after its worker was lost (attempt %d)",
+                task.describe(),
+                task.attempts + 1,
+            )
+            self._pending.appendleft(task)
+            return
+        message = (
+            f"worker {worker.index} (pid {worker.pid}) was lost running {task.describe()}: "
+            f"{launch.describe_exit(code)}; the task took down {task.attempts} worker(s) "
+            f"(retries={self._retries})"
+        )
+        error = WorkerLostError(
+            message, task=task.describe(), pid=worker.pid, exitcode=code, attempts=task.attempts
+        )
+        self._finish(task, False, error, 0.0)
+
+    def _forget(self, worker: WorkerHandle) -> None:
+        for fd in worker.fds():
+            self._unregister(fd)
+            self._by_fd.pop(fd, None)
+            os.close(fd)
+        self._workers[worker.index] = None
+
+    def _stop_workers(self) -> None:
+        for worker in self._workers:
+            if worker is not None and not worker.retiring:
+                worker.retiring = True
+                worker.outbuf += wire.encode(wire.STOP, None)
+                self._flush(worker)
+
+    def _break(self, reason: str, cause: BaseException | None) -> None:
+        if self._broken is not None:
+            return
+        log.error("the pool is broken: %s", reason)
+        self._broken = BrokenExecutor(f"the pool is broken: {reason}")
+        self._broken.__cause__ = cause
+        self._fail_all(self._broken)
+        self._state = _TERMINATING
+
+    def _fail_all(self, error: BaseException) -> None:
+        tasks = self._take_pending()
+        for worker in self._workers:
+            if worker is not None:
+                tasks += worker.inflight.values()
+                worker.inflight.clear()
+        for task in tasks:
+            self._finish(task, False, error, 0.0)
+
+    def _shutdown(self) -> None:
+        try:
+            for worker in self._workers:
+                if worker is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)
+            for worker in self._workers:
+                if worker is not None:
+                    os.waitpid(worker.pid, 0)
+            self._fail_all(TerminatedError("the pool was terminated before the task finished"))
+            for worker in self._workers:
+                if worker is not None:
+                    self._forget(worker)
+        finally:
+            self._state = _TERMINATING
+            self._selector.close()
+            with self._wake_lock:
+                os.close(self._wake_fd)
+                self._wake_fd = -1
+            self._slots.close()
+            os.close(self._slots_fd)
+            _live.discard(self)
+            self._stopped.set()
+
+
+# Pools still running at interpreter exit are terminated, so Ctrl-C or an
+# uncaught exception never leaves workers behind. A weak set: it keeps no pool
+# alive, and each pool removes itself when its loop ends.
+_live: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _terminate_live() -> None:
+    engines = list(_live)
+    for engine in engines:
+        engine.terminate()
+    for engine in engines:
+        engine.join(5.0)
