@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import warnings
+import weakref
 
 from fabric.local import _bootstrap
 from fabric.local import process as _process
@@ -26,6 +27,8 @@ class PidfdPopen:
         self.sentinel = os.pidfd_open(pid)
         self.returncode: int | None = None
         self._lock = threading.Lock()
+        self._closer = weakref.finalize(self, os.close, self.sentinel)
+        self._closer.atexit = False  # needed by the exit handler that reaps children
 
     def _reap(self) -> int | None:
         try:
@@ -53,9 +56,8 @@ class PidfdPopen:
             signal.pidfd_send_signal(self.sentinel, sig)
 
     def close(self) -> None:
-        if self.sentinel >= 0:
-            os.close(self.sentinel)
-            self.sentinel = -1
+        self._closer()
+        self.sentinel = -1
 
 
 class ForkPopen(PidfdPopen):

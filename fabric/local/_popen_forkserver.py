@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import threading
+import weakref
 
 from fabric.errors import FabricError
 from fabric.local import _launch
@@ -135,6 +136,8 @@ class ForkServerPopen:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:  # already exited and reaped by the server
             self._pidfd = -1
+        self._closer = weakref.finalize(self, _release, self._status, self._pidfd)
+        self._closer.atexit = False  # needed by the exit handler that reaps children
 
     @staticmethod
     def _request(fds: list[int]) -> socket.socket:
@@ -173,7 +176,11 @@ class ForkServerPopen:
             signal.pidfd_send_signal(self._pidfd, sig)
 
     def close(self) -> None:
-        self._status.close()
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
+        self._closer()
+        self._pidfd = -1
+
+
+def _release(status: socket.socket, pidfd: int) -> None:
+    status.close()
+    if pidfd >= 0:
+        os.close(pidfd)

@@ -10,15 +10,17 @@ delivering on the loop thread. A timed wait raises the builtin
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from fabric.local import _pool_wire as wire
-from fabric.local._pool_engine import Engine, Task
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import Task
 
-__all__ = ["AsyncResult", "CallTask", "IMapIterator", "MapResult", "chunk_size"]
+__all__ = ["AsyncResult", "CallTask", "IMapIterator", "MapResult", "chunk_bounds"]
 
 T = TypeVar("T")
 
@@ -26,10 +28,22 @@ _TARGET_CHUNK_S = 0.005  # adaptive chunks aim at this much work each
 _MAX_CHUNK = 4096
 
 
-def chunk_size(length: int, processes: int) -> int:
-    """Pick ``map``'s chunk size: four chunks per worker, as multiprocessing does."""
-    size, extra = divmod(length, processes * 4)
-    return max(1, size + bool(extra))
+def chunk_bounds(length: int, processes: int, chunksize: int | None) -> list[int]:
+    """Return the start of each chunk of ``map``, then ``length``.
+
+    A given ``chunksize`` cuts equal chunks. Otherwise chunks shrink as the map
+    goes (guided scheduling): each is an eighth of what is left per worker, never
+    under 1/64 of a worker's share, so the first chunks are big and cheap and the
+    last ones small enough to even out the finish when one worker runs slow.
+    """
+    if chunksize is not None:
+        return [*range(0, length, chunksize), length]
+    floor = max(1, -(-length // (64 * processes)))
+    bounds, start = [], 0
+    while start < length:
+        bounds.append(start)
+        start += max(floor, -(-(length - start) // (8 * processes)))
+    return [*bounds, length]
 
 
 class AsyncResult(Generic[T]):
@@ -156,7 +170,7 @@ class MapResult(AsyncResult[list[T]], _ChunkSink):
         engine: Engine,
         fn: Callable[..., Any],
         items: list[Any],
-        chunksize: int,
+        bounds: list[int],
         star: bool,
         callback: Callable[[list[T]], object] | None,
         error_callback: Callable[[BaseException], object] | None,
@@ -167,8 +181,8 @@ class MapResult(AsyncResult[list[T]], _ChunkSink):
         self._left = 0
         self._progress = progress
         tasks = []
-        for seq, start in enumerate(range(0, len(items), chunksize)):
-            tasks.append(_ChunkTask(self, fn, star, seq, start, items[start : start + chunksize]))
+        for seq, (start, stop) in enumerate(itertools.pairwise(bounds)):
+            tasks.append(_ChunkTask(self, fn, star, seq, start, items[start:stop]))
         self._left = len(tasks)
         if not tasks:
             self._finish(True, [])

@@ -20,7 +20,8 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, ParamSpec, TypeVar
 
 from fabric.local import _pool_wire as wire
-from fabric.local._pool_engine import DEFAULT_RETRIES, Engine, Statistics, Task
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import DEFAULT_RETRIES, Statistics, Task
 from fabric.local.pool import _start_method, default_processes
 
 __all__ = ["Executor"]

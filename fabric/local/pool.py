@@ -21,11 +21,20 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, TypeVar
 
-from fabric.local._pool_engine import DEFAULT_RETRIES, Engine, Statistics
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import DEFAULT_RETRIES, Statistics, TerminatedError
 from fabric.local._progress import Progress, progress_bar
-from fabric.local._results import AsyncResult, CallTask, IMapIterator, MapResult, chunk_size
+from fabric.local._results import AsyncResult, CallTask, IMapIterator, MapResult, chunk_bounds
 
-__all__ = ["DEFAULT_RETRIES", "AsyncResult", "IMapIterator", "MapResult", "Pool", "Statistics"]
+__all__ = [
+    "DEFAULT_RETRIES",
+    "AsyncResult",
+    "IMapIterator",
+    "MapResult",
+    "Pool",
+    "Statistics",
+    "TerminatedError",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -205,9 +214,9 @@ class Pool:
         items = list(iterable)
         if star:
             items = [tuple(args) for args in items]
-        size = _check_chunksize(chunksize) or chunk_size(len(items), self._processes)
+        bounds = chunk_bounds(len(items), self._processes, _check_chunksize(chunksize))
         bar = progress_bar(progress, len(items), getattr(func, "__name__", "map"))
-        return MapResult(self._engine, func, items, size, star, callback, error_callback, bar)
+        return MapResult(self._engine, func, items, bounds, star, callback, error_callback, bar)
 
     def _imap(
         self,

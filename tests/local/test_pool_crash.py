@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -128,3 +129,17 @@ def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(tmp_path: Path) -> N
     assert proc.returncode != 0
     assert "KeyboardInterrupt" in err
     assert not [pid for pid in workers if _alive(pid)]
+
+
+def test_spawned_worker_crash_is_retried(tmp_path: Path) -> None:
+    with Pool(1, context="spawn") as pool:
+        assert pool.apply(h.die_once, (str(tmp_path / "marker"), "exit")) == "second try"
+        assert pool.statistics().workers_lost == 1
+
+
+def test_imap_unordered_survives_a_crash(tmp_path: Path) -> None:
+    with Pool(2) as pool:
+        marker = str(tmp_path / "marker")
+        crash_once = functools.partial(h.die_once, how="exit")
+        results = list(pool.imap_unordered(crash_once, [marker] * 6, 1))
+        assert results == ["second try"] * 6

@@ -468,3 +468,27 @@ def test_children_start_children(ctx: Context, inner: str) -> None:
     assert name.startswith(f"Process-{proc._identity[0]}:1 ")
     assert (parent_name, int(parent_pid)) == ("middle", proc.pid)
     assert int(pid) not in (proc.pid, os.getpid())
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_fds_are_released_by_close_and_by_collection(ctx: Context) -> None:
+    import gc
+
+    proc = ctx.Process(target=len, args=((),))
+    proc.start()
+    proc.join(TIMEOUT)
+    before = open_fds()
+    for _ in range(3):
+        proc = ctx.Process(target=raise_value_error, args=("x",))
+        proc.start()
+        proc.join(TIMEOUT)
+        proc.close()
+        proc = ctx.Process(target=len, args=((),))
+        proc.start()
+        proc.join(TIMEOUT)
+    del proc
+    gc.collect()
+    assert open_fds() <= before
