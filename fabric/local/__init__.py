@@ -29,6 +29,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from fabric.local.executor import Executor
     from fabric.local.pool import Pool
+    from fabric.local.queues import JoinableQueue, Queue, SimpleQueue
     from fabric.local.synchronize import (
         Barrier,
         BoundedSemaphore,
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 _LAZY = {
     "Executor": "fabric.local.executor",
     "Pool": "fabric.local.pool",
+    "JoinableQueue": "fabric.local.queues",
+    "Queue": "fabric.local.queues",
+    "SimpleQueue": "fabric.local.queues",
     "Barrier": "fabric.local.synchronize",
     "BoundedSemaphore": "fabric.local.synchronize",
     "BrokenBarrierError": "fabric.local.synchronize",
@@ -80,13 +84,16 @@ __all__: list[str] = [
     "ExceptHookArgs",
     "ExceptionProxy",
     "Executor",
+    "JoinableQueue",
     "Lock",
     "OwnerDiedWarning",
     "Pool",
     "Process",
+    "Queue",
     "RLock",
     "RemoteTraceback",
     "Semaphore",
+    "SimpleQueue",
     "active_children",
     "active_count",
     "cpu_count",
