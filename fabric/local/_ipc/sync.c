@@ -64,6 +64,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,9 +76,15 @@
 #define PID_MASK ((1u << PID_BITS) - 1)
 #define TAG_MASK 0x3FFu
 #define SLICE_S 0.05
-#define SPIN_MIN_NS 4000
-#define SPIN_INIT_NS 20000
-#define SPIN_MAX_NS 60000
+#ifndef SPIN_MIN_NS
+#define SPIN_MIN_NS 10000
+#endif
+#ifndef SPIN_INIT_NS
+#define SPIN_INIT_NS 50000
+#endif
+#ifndef SPIN_MAX_NS
+#define SPIN_MAX_NS 200000
+#endif
 #define TIMEOUT_MAX 9223372036.0
 
 #define MAGIC_LOCK 0x4b434c66u  /* "fLCK" */
@@ -128,20 +135,9 @@ now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static inline void
-cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 /* A bounded busy-wait: the caller polls its condition between spin_more calls. */
 typedef struct {
     int64_t start, end;
-    unsigned n;
 } spin_t;
 
 static inline void
@@ -153,16 +149,19 @@ spin_begin(spin_t *s, au32 *budget, double deadline)
     s->end = s->start + (b ? b : SPIN_INIT_NS);
     if (deadline >= 0 && (int64_t)(deadline * 1e9) < s->end)
         s->end = (int64_t)(deadline * 1e9);
-    s->n = 0;
 }
 
+/* Yield until the budget is spent. Yielding rather than pausing serves both
+ * placements: when the other side runs on another CPU we re-check the word
+ * within a syscall's time, and when it shares our CPU (common on a busy
+ * machine) only giving it the CPU lets it make progress. */
 static inline int
 spin_more(spin_t *s)
 {
-    cpu_relax();
-    if ((++s->n & 31) != 0)
-        return 1;
-    return now_ns() < s->end;
+    if (now_ns() >= s->end)
+        return 0;
+    sched_yield();
+    return 1;
 }
 
 /* Grow the budget to twice what a successful spin took; halve it after a miss. */
