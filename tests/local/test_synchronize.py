@@ -10,6 +10,7 @@ import pickle
 import signal
 import threading
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -426,6 +427,12 @@ def test_statistics_are_immutable_records() -> None:
     assert ev.statistics().is_set
     barrier = fabric.local.Barrier(2)
     assert barrier.statistics() == (2, 0, False)
+
+
+@pytest.mark.parametrize("name", ["Lock", "RLock", "Semaphore", "Event", "Condition", "Barrier"])
+def test_weak_references(ns: types.ModuleType, name: str) -> None:
+    obj = getattr(ns, name)(2) if name == "Barrier" else getattr(ns, name)()
+    assert weakref.ref(obj)() is obj
 
 
 def test_condition_refuses_a_foreign_lock() -> None:
