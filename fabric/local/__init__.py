@@ -26,6 +26,7 @@ from fabric.local.process import (
     excepthook,
     parent_process,
 )
+from fabric.local.queues import JoinableQueue, Queue, SimpleQueue
 from fabric.local.synchronize import (
     Barrier,
     BoundedSemaphore,
@@ -48,13 +49,16 @@ __all__: list[str] = [
     "ExceptHookArgs",
     "ExceptionProxy",
     "Executor",
+    "JoinableQueue",
     "Lock",
     "OwnerDiedWarning",
     "Pool",
     "Process",
+    "Queue",
     "RLock",
     "RemoteTraceback",
     "Semaphore",
+    "SimpleQueue",
     "active_children",
     "active_count",
     "cpu_count",

@@ -138,6 +138,15 @@ class Executor(_Executor):
         if wait:
             self._engine.join()
 
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        # Ctrl-C inside the block: do not wait for running tasks, stop the workers.
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._shutdown = True
+            self._engine.terminate()
+            self._engine.join()
+        else:
+            self.shutdown(wait=True)
+
     def statistics(self) -> Statistics:
         """Return a snapshot of the executor's counters."""
         return self._engine.statistics()
