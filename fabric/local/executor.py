@@ -16,11 +16,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _Executor
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, ParamSpec, TypeVar
 
 from fabric.local import _pool_wire as wire
-from fabric.local._pool_engine import DEFAULT_RETRIES, Engine, Statistics, Task
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import DEFAULT_RETRIES, Statistics, Task
 from fabric.local.pool import _start_method, default_processes
 
 __all__ = ["Executor"]
@@ -42,14 +43,14 @@ class _FutureTask(Task):
         return self.future.set_running_or_notify_cancel()
 
     def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        if self.future.done():
-            return
-        if not self.future.running():  # failed before a worker took it (pickling)
-            self.future.set_running_or_notify_cancel()
-        if ok:
-            self.future.set_result(value)
-        else:
-            self.future.set_exception(value)
+        # One state check, inside set_*: a cancelled future refuses the outcome.
+        try:
+            if ok:
+                self.future.set_result(value)
+            else:
+                self.future.set_exception(value)
+        except InvalidStateError:
+            pass
 
 
 class Executor(_Executor):
@@ -136,6 +137,15 @@ class Executor(_Executor):
         self._engine.close()
         if wait:
             self._engine.join()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        # Ctrl-C inside the block: do not wait for running tasks, stop the workers.
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._shutdown = True
+            self._engine.terminate()
+            self._engine.join()
+        else:
+            self.shutdown(wait=True)
 
     def statistics(self) -> Statistics:
         """Return a snapshot of the executor's counters."""

@@ -122,3 +122,18 @@ def exit_on_three(x: int) -> int:
     if x == 3:
         os._exit(7)
     return x
+
+
+def _refuse_to_build() -> None:
+    raise RuntimeError("cannot be rebuilt here")
+
+
+class BadReduce:
+    """Pickles fine; unpickling (in the caller) raises."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return _refuse_to_build, ()
+
+
+def return_bad_reduce() -> BadReduce:
+    return BadReduce()

@@ -214,7 +214,7 @@ def test_imap_next_timeout(pool: Pool, gate: h.Gate) -> None:
 
 
 def test_terminate_fails_unfinished_results(gate: h.Gate) -> None:
-    from fabric.local._pool_engine import TerminatedError
+    from fabric.local.pool import TerminatedError
 
     pool = Pool(1)
     running = pool.apply_async(h.pass_gate, (gate.read_fd,))
@@ -257,3 +257,81 @@ def test_progress_bar_only_when_forced_off_a_terminal(
     assert "8/8" in capsys.readouterr().err
     with pytest.raises(ValueError):
         pool.map(h.square, range(8), progress="sometimes")  # type: ignore[arg-type]
+
+
+def test_result_that_does_not_unpickle_fails_only_its_task(pool: Pool) -> None:
+    with pytest.raises(ExceptionProxy, match="could not be unpickled"):
+        pool.apply(h.return_bad_reduce)
+    assert pool.apply(h.square, (5,)) == 25
+
+
+def test_join_timeout_while_a_task_runs(gate: h.Gate) -> None:
+    pool = Pool(1)
+    result = pool.apply_async(h.enter_gate, (gate.started_w, gate.read_fd))
+    gate.wait_started(1)
+    pool.close()
+    with pytest.raises(TimeoutError):
+        pool.join(0.05)
+    gate.open(1)
+    pool.join(30)
+    assert result.get(0) == "passed"
+
+
+def test_unclosed_pool_warns_when_collected() -> None:
+    import gc
+
+    pool = Pool(1)
+    engine = pool._engine
+    with pytest.warns(ResourceWarning, match="unclosed running pool"):
+        del pool
+        gc.collect()
+    assert engine.join(30)
+
+
+def test_imap_progress_bar_forced(pool: Pool, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    assert list(pool.imap(h.square, range(6), progress="force")) == [x * x for x in range(6)]
+    assert "6/6" in capsys.readouterr().err
+
+
+def test_workers_that_cannot_start_break_the_pool() -> None:
+    from concurrent.futures import BrokenExecutor
+
+    with (
+        Pool(1, initializer=os._exit, initargs=(3,)) as pool,
+        pytest.raises(BrokenExecutor, match=r"died before they were ready.*code 3"),
+    ):
+        pool.apply(h.square, (2,))
+
+
+def test_imap_results_all_arrive_after_close() -> None:
+    pool = Pool(2)
+    results = pool.imap(h.square, range(5000))
+    assert next(results) == 0
+    pool.close()
+    assert list(results) == [x * x for x in range(1, 5000)]
+    pool.join(30)
+
+
+def test_imap_after_terminate_raises_instead_of_truncating() -> None:
+    from fabric.local.pool import TerminatedError
+
+    pool = Pool(2)
+    results = pool.imap(h.square, range(100_000))
+    assert next(results) == 0
+    pool.terminate()
+    with pytest.raises(TerminatedError):
+        for _ in results:
+            pass
+
+
+def test_imap_input_error_raised_in_place(pool: Pool) -> None:
+    def source() -> Iterator[int]:
+        yield from range(3)
+        raise OSError("input broke")
+
+    results = pool.imap(h.square, source(), 1)
+    assert [next(results) for _ in range(3)] == [0, 1, 4]
+    with pytest.raises(OSError, match="input broke"):
+        next(results)
+    assert list(results) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -82,7 +83,7 @@ def test_executor_survives_a_crash_unlike_process_pool_executor() -> None:
 SCRIPT = textwrap.dedent(
     """
     import os, sys, time
-    from fabric.local import Pool
+    from fabric.local import Executor, Pool
 
     def hold(_):
         os.write(1, b"%d\\n" % os.getpid())  # one write: lines from two workers never mix
@@ -90,8 +91,12 @@ SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         os.write(1, b"%d\\n" % os.getpid())
-        with Pool(2) as pool:
-            pool.map(hold, range(4), 1)
+        if sys.argv[1] == "pool":
+            with Pool(2) as pool:
+                pool.map(hold, range(4), 1)
+        else:
+            with Executor(2) as executor:
+                list(executor.map(hold, range(4)))
     """
 )
 
@@ -104,12 +109,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("api", ["pool", "executor"])
+def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(api: str, tmp_path: Path) -> None:
     script = tmp_path / "ctrl_c.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen(
-        [sys.executable, str(script)],
+        [sys.executable, str(script), api],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -128,3 +134,17 @@ def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(tmp_path: Path) -> N
     assert proc.returncode != 0
     assert "KeyboardInterrupt" in err
     assert not [pid for pid in workers if _alive(pid)]
+
+
+def test_spawned_worker_crash_is_retried(tmp_path: Path) -> None:
+    with Pool(1, context="spawn") as pool:
+        assert pool.apply(h.die_once, (str(tmp_path / "marker"), "exit")) == "second try"
+        assert pool.statistics().workers_lost == 1
+
+
+def test_imap_unordered_survives_a_crash(tmp_path: Path) -> None:
+    with Pool(2) as pool:
+        marker = str(tmp_path / "marker")
+        crash_once = functools.partial(h.die_once, how="exit")
+        results = list(pool.imap_unordered(crash_once, [marker] * 6, 1))
+        assert results == ["second try"] * 6
