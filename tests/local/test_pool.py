@@ -335,3 +335,16 @@ def test_imap_input_error_raised_in_place(pool: Pool) -> None:
     with pytest.raises(OSError, match="input broke"):
         next(results)
     assert list(results) == []
+
+
+def test_large_arguments_and_results_cross_both_ways(pool: Pool) -> None:
+    blob = os.urandom(8 << 20)
+    results = [pool.apply_async(bytes.upper, (blob,)) for _ in range(3)]
+    assert all(r.get(60) == blob.upper() for r in results)
+
+
+def test_multiprocessing_context_object_picks_the_start_method() -> None:
+    with Pool(1, context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.apply(os.getppid) == os.getpid()
+    with pytest.raises(ValueError, match="forkserver"):
+        Pool(1, context="forkserver")
