@@ -5,4 +5,61 @@ Change ``from threading import Thread`` to ``from fabric.local import Process``
 every core. Nothing here imports zmq or the remote layer.
 """
 
-__all__: list[str] = []
+from fabric.local._exceptions import ExceptionProxy, RemoteTraceback
+from fabric.local.context import (
+    Context,
+    get_all_start_methods,
+    get_context,
+    get_start_method,
+    set_start_method,
+)
+from fabric.local.process import (
+    ExceptHookArgs,
+    Process,
+    active_children,
+    active_count,
+    cpu_count,
+    current_process,
+    enumerate,
+    excepthook,
+    parent_process,
+)
+from fabric.local.synchronize import (
+    Barrier,
+    BoundedSemaphore,
+    BrokenBarrierError,
+    Condition,
+    Event,
+    Lock,
+    OwnerDiedWarning,
+    RLock,
+    Semaphore,
+)
+
+__all__: list[str] = [
+    "Barrier",
+    "BoundedSemaphore",
+    "BrokenBarrierError",
+    "Condition",
+    "Context",
+    "Event",
+    "ExceptHookArgs",
+    "ExceptionProxy",
+    "Lock",
+    "OwnerDiedWarning",
+    "Process",
+    "RLock",
+    "RemoteTraceback",
+    "Semaphore",
+    "active_children",
+    "active_count",
+    "cpu_count",
+    "current_process",
+    "enumerate",
+    "excepthook",
+    "get_all_start_methods",
+    "get_context",
+    "get_start_method",
+    "parent_process",
+    "set_start_method",
+]

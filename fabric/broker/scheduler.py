@@ -1,0 +1,600 @@
+"""Task scheduling as pure logic: fed events and the current time, it returns messages to send.
+
+Theory of operation. A task is known by its *key*, the owner's 16-byte session
+followed by the client's task id, and lives in one table row through these
+states (the table below is the one ``docs/protocol.md`` draws)::
+
+    QUEUED ──credit──> DISPATCHED ──RESULT──> RESULTED ──DONE──> tombstone
+       ^                   │
+       └──worker lost──────┘   (attempt + 1; past max_retries: RESULTED "lost")
+
+Invariants, held after every call:
+
+* a worker's ``running`` set holds exactly the DISPATCHED tasks whose
+  ``worker`` is that worker, and a worker never holds more DISPATCHED tasks
+  than the credit it was granted (credit is spent on dispatch, returned by
+  RESULT.credit and CREDIT);
+* a QUEUED task is in exactly one lane (FIFO per client and requirement set),
+  lanes take turns, so no client starves another;
+* the first RESULT taken for a task wins; later ones (a re-run after a
+  presumed death, a duplicate) are counted and dropped;
+* ``bytes`` is the payload held (queued calls and undelivered results); with
+  the task count it bounds memory, and SUBMITs past either bound are
+  rejected as ``busy`` (back-pressure).
+
+Only ``server.py`` owns sockets and the clock; every method here takes ``now``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from fabric.broker.protocol import (
+    SESSION_BYTES,
+    Ack,
+    Cancel,
+    Dispatch,
+    Message,
+    Payload,
+    Reject,
+    Result,
+)
+
+__all__ = ["Admission", "Limits", "Out", "Scheduler", "SchedulerStats", "WorkerInfo"]
+
+Out = tuple[bytes, Message]
+"""A message to send: (session id of the destination, message)."""
+
+MAX_CREDIT = 1 << 16
+_Requires = tuple[tuple[str, str], ...]
+
+
+class Admission(enum.Enum):
+    """What became of a SUBMIT."""
+
+    ACCEPTED = "accepted"  # new: journal it, then send the ACK
+    KNOWN = "known"  # a re-send of a task still held: ACK again, nothing to journal
+    REJECTED = "rejected"  # busy, duplicate or too large: a REJECT is on its way
+
+
+class _State(enum.Enum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RESULTED = "resulted"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The scheduler's knobs (see ``docs/protocol.md``)."""
+
+    max_tasks: int = 100_000
+    max_bytes: int = 1 << 30
+    max_retries: int = 3
+    poison_limit: int = 3
+    liveness_timeout: float = 10.0
+    result_limit: int = 10_000
+    result_ttl: float = 3600.0
+    tombstone_limit: int = 100_000
+    tombstone_ttl: float = 3600.0
+    busy_retry_after: float = 0.05
+
+
+@dataclass(eq=False)
+class _Task:
+    key: bytes
+    requires: _Requires
+    payload: Payload
+    size: int
+    state: _State = _State.QUEUED
+    attempt: int = 1
+    losses: int = 0
+    crashes: list[str] = field(default_factory=list)
+    worker: bytes | None = None
+    result: Result | None = None
+
+    @property
+    def owner(self) -> bytes:
+        return self.key[:SESSION_BYTES]
+
+    @property
+    def lane(self) -> tuple[bytes, _Requires]:
+        return (self.owner, self.requires)
+
+
+@dataclass(eq=False)
+class _Worker:
+    session: bytes
+    name: str
+    host: str
+    pid: int
+    labels: dict[str, str]
+    credit: int
+    running: set[bytes] = field(default_factory=set)
+    done: int = 0
+    turn: int = 0  # when it last got a task, so ties go to the one that waited longest
+
+
+@dataclass(eq=False)
+class _Client:
+    present: bool = True
+    tasks: set[bytes] = field(default_factory=set)
+
+
+class WorkerInfo(NamedTuple):
+    """One worker as ``statistics()`` sees it."""
+
+    name: str
+    host: str
+    pid: int
+    credit: int
+    running: int
+    done: int
+    last_seen: float
+
+
+class SchedulerStats(NamedTuple):
+    """A snapshot of the scheduler's counters."""
+
+    queued: int
+    in_flight: int
+    awaiting_done: int
+    bytes: int
+    clients: int
+    workers: int
+    tasks_done: int
+    tasks_failed: int
+    retries: int
+    duplicates: int
+    rejected_busy: int
+    worker_list: tuple[WorkerInfo, ...]
+
+
+def task_key(session: bytes, task: bytes) -> bytes:
+    """Return the broker's id of a client's task."""
+    return session + task
+
+
+class Scheduler:
+    """The broker's task table, credits, lanes and liveness deadlines. Not thread-safe."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._tasks: dict[bytes, _Task] = {}
+        self._lanes: OrderedDict[tuple[bytes, _Requires], deque[bytes]] = OrderedDict()
+        self._workers: dict[bytes, _Worker] = {}
+        self._clients: dict[bytes, _Client] = {}
+        self._deadlines: dict[bytes, float] = {}
+        self._seen: dict[bytes, float] = {}
+        self._held: OrderedDict[bytes, float] = OrderedDict()  # results for absent clients
+        self._expired: OrderedDict[bytes, Result] = OrderedDict()
+        self._tombstones: OrderedDict[bytes, float] = OrderedDict()
+        self._bytes = 0
+        self._turns = 0
+        self._counts = {"done": 0, "failed": 0, "retries": 0, "duplicates": 0, "busy": 0}
+
+    # --- sessions ----------------------------------------------------------------
+
+    def touch(self, session: bytes, now: float) -> None:
+        """Note that ``session`` was heard from: push its death deadline back."""
+        self._deadlines[session] = now + self.limits.liveness_timeout
+        self._seen[session] = now
+
+    def add_worker(
+        self,
+        session: bytes,
+        now: float,
+        *,
+        name: str = "",
+        host: str = "",
+        pid: int = 0,
+        capacity: int = 0,
+        labels: dict[str, str] | None = None,
+    ) -> list[Out]:
+        """Welcome a worker with ``capacity`` free slots; return the dispatches it allows.
+
+        A worker that re-sends HELLO on its session keeps its running tasks
+        (they still run there); ``capacity`` replaces its credit.
+        """
+        self.touch(session, now)
+        credit = min(capacity, MAX_CREDIT)
+        old = self._workers.get(session)
+        worker = _Worker(session, name, host, pid, dict(labels or {}), credit)
+        if old is not None:
+            worker.running, worker.done, worker.turn = old.running, old.done, old.turn
+        self._workers[session] = worker
+        return self._dispatch()
+
+    def add_client(self, session: bytes, now: float) -> list[Out]:
+        """Welcome (back) a client; return every result it has not acknowledged yet."""
+        self.touch(session, now)
+        client = self._clients.setdefault(session, _Client())
+        client.present = True
+        outs: list[Out] = []
+        for key in sorted(client.tasks):
+            self._held.pop(key, None)
+            task = self._tasks.get(key)
+            result = task.result if task is not None else self._expired.get(key)
+            if result is not None:
+                outs.append((session, result))
+        return outs
+
+    def add_peer(self, session: bytes, now: float) -> None:
+        """Track the liveness of a session that has no task role (host, admin)."""
+        self.touch(session, now)
+
+    def remove(self, session: bytes, now: float, reason: str | None) -> list[Out]:
+        """End ``session``: ``reason`` says why it was lost, ``None`` means it said BYE.
+
+        A worker's running tasks are re-queued (a loss counts toward
+        ``max_retries`` unless it said BYE); a client's results are kept for
+        it, bounded by ``result_limit`` and ``result_ttl``.
+        """
+        self._deadlines.pop(session, None)
+        self._seen.pop(session, None)
+        outs: list[Out] = []
+        worker = self._workers.pop(session, None)
+        if worker is not None:
+            for key in sorted(worker.running):
+                outs += self._requeue(self._tasks[key], worker, reason, now)
+        client = self._clients.get(session)
+        if client is not None:
+            client.present = False
+            for key in sorted(client.tasks):
+                task = self._tasks.get(key)
+                if task is not None and task.state is _State.RESULTED:
+                    self._hold(key, now)
+            self._drop_client_if_idle(session)
+        return outs + self._dispatch()
+
+    def tick(self, now: float) -> tuple[list[bytes], list[Out]]:
+        """Declare dead every session past its deadline and expire old results.
+
+        Return the dead sessions (already removed here) and the messages their
+        removal makes.
+        """
+        dead = [s for s, deadline in self._deadlines.items() if deadline <= now]
+        outs: list[Out] = []
+        for session in dead:
+            silent = now - self._seen.get(session, now)
+            outs += self.remove(session, now, f"no heartbeat for {silent:.1f} s")
+        while self._held and next(iter(self._held.values())) <= now:
+            self._expire(next(iter(self._held)))
+        while self._tombstones and next(iter(self._tombstones.values())) <= now:
+            self._tombstones.popitem(last=False)
+        return dead, outs
+
+    # --- tasks -------------------------------------------------------------------
+
+    def submit(
+        self,
+        session: bytes,
+        task: bytes,
+        payload: Payload,
+        now: float,
+        requires: dict[str, str] | None = None,
+    ) -> tuple[Admission, list[Out]]:
+        """Take a client's SUBMIT; on ACCEPTED the caller journals it, then sends the ACK."""
+        key = task_key(session, task)
+        if key in self._tasks or key in self._expired:
+            return Admission.KNOWN, [(session, Ack(task=task))]
+        if key in self._tombstones:
+            reason = f"task {task!r} already completed and acknowledged"
+            return Admission.REJECTED, [(session, Reject(task, "duplicate", reason))]
+        size = sum(len(memoryview(frame)) for frame in payload)
+        limits = self.limits
+        if size > limits.max_bytes:
+            reason = f"task {task!r} carries {size} bytes, over the broker's {limits.max_bytes}"
+            return Admission.REJECTED, [(session, Reject(task, "too-large", reason))]
+        if len(self._tasks) >= limits.max_tasks or self._bytes + size > limits.max_bytes:
+            self._counts["busy"] += 1
+            reason = f"broker holds {len(self._tasks)} tasks and {self._bytes} bytes"
+            reject = Reject(task, "busy", reason, limits.busy_retry_after)
+            return Admission.REJECTED, [(session, reject)]
+        self.restore(session, task, payload, now, requires)
+        return Admission.ACCEPTED, [(session, Ack(task=task)), *self._dispatch()]
+
+    def restore(
+        self,
+        session: bytes,
+        task: bytes,
+        payload: Payload,
+        now: float,
+        requires: dict[str, str] | None = None,
+    ) -> None:
+        """Queue a task without admission checks (journal replay); dispatch on the next event."""
+        key = task_key(session, task)
+        if key in self._tasks:
+            return
+        size = sum(len(memoryview(frame)) for frame in payload)
+        entry = _Task(key, tuple(sorted((requires or {}).items())), payload, size)
+        self._tasks[key] = entry
+        self._bytes += size
+        client = self._clients.get(session)
+        if client is None:
+            client = self._clients[session] = _Client(present=False)
+        client.tasks.add(key)
+        self._enqueue(entry, front=False)
+
+    def credit(self, session: bytes, n: int) -> list[Out]:
+        """Grant ``n`` more slots to a worker; return the dispatches they allow."""
+        worker = self._workers.get(session)
+        if worker is None:
+            return []
+        worker.credit = min(worker.credit + n, MAX_CREDIT)
+        return self._dispatch()
+
+    def result(self, session: bytes, message: Result, now: float) -> list[Out]:
+        """Take a worker's RESULT: ACK it, return its credit, and settle the task if it wins."""
+        outs: list[Out] = [(session, Ack(task=message.task, attempt=message.attempt))]
+        worker = self._workers.get(session)
+        if worker is not None:
+            worker.credit = min(worker.credit + message.credit, MAX_CREDIT)
+        task = self._tasks.get(message.task)
+        if (
+            task is None
+            or task.state is _State.RESULTED
+            or not 1 <= message.attempt <= task.attempt
+        ):
+            # already settled, or an attempt never dispatched (not to be trusted)
+            self._counts["duplicates"] += 1
+            return outs + self._dispatch()
+        current = task.worker == session and message.attempt == task.attempt
+        if message.status == "crashed":
+            if not current:
+                self._counts["duplicates"] += 1
+                return outs + self._dispatch()
+            assert worker is not None
+            outs += self._crashed(task, message.message, worker, now)
+        else:
+            if current and worker is not None:
+                worker.running.discard(task.key)
+                task.worker = None
+                worker.done += 1
+            outs += self._settle(
+                task, message.attempt, message.status, message.message, message.payload, now
+            )
+        return outs + self._dispatch()
+
+    def done(self, session: bytes, tasks: tuple[bytes, ...], now: float) -> list[bytes]:
+        """Forget the client's acknowledged results; return the keys forgotten (to journal)."""
+        forgotten: list[bytes] = []
+        client = self._clients.get(session)
+        for task in tasks:
+            key = task_key(session, task)
+            entry = self._tasks.get(key)
+            if entry is not None and entry.state is _State.RESULTED:
+                self._forget(entry)
+            elif self._expired.pop(key, None) is None:
+                continue
+            if client is not None:
+                client.tasks.discard(key)
+            self._tombstone(key, now)
+            forgotten.append(key)
+        self._drop_client_if_idle(session)
+        return forgotten
+
+    def forget(self, key: bytes, now: float) -> None:
+        """Forget a task whatever its state (journal replay of a DONE)."""
+        entry = self._tasks.get(key)
+        if entry is not None:
+            if entry.state is _State.QUEUED:
+                self._unqueue(entry)
+            self._forget(entry)
+        client = self._clients.get(key[:SESSION_BYTES])
+        if client is not None:
+            client.tasks.discard(key)
+            self._drop_client_if_idle(key[:SESSION_BYTES])
+        self._tombstone(key, now)
+
+    def cancel(self, session: bytes, task: bytes, now: float) -> list[Out]:
+        """Cancel a client's task: answer at once if queued, ask its worker if running."""
+        entry = self._tasks.get(task_key(session, task))
+        if entry is None:
+            return []
+        if entry.state is _State.QUEUED:
+            return self._settle(
+                entry, entry.attempt, "cancelled", "cancelled before it ran", (), now
+            )
+        if entry.state is _State.DISPATCHED and entry.worker is not None:
+            return [(entry.worker, Cancel(task=entry.key, attempt=entry.attempt))]
+        return []
+
+    # --- introspection -----------------------------------------------------------
+
+    def statistics(self, now: float) -> SchedulerStats:
+        """Return a snapshot of the counters and workers."""
+        states = [t.state for t in self._tasks.values()]
+        workers = tuple(
+            WorkerInfo(
+                w.name,
+                w.host,
+                w.pid,
+                w.credit,
+                len(w.running),
+                w.done,
+                now - self._seen.get(w.session, now),
+            )
+            for w in self._workers.values()
+        )
+        c = self._counts
+        return SchedulerStats(
+            queued=states.count(_State.QUEUED),
+            in_flight=states.count(_State.DISPATCHED),
+            awaiting_done=states.count(_State.RESULTED) + len(self._expired),
+            bytes=self._bytes,
+            clients=sum(client.present for client in self._clients.values()),
+            workers=len(self._workers),
+            tasks_done=c["done"],
+            tasks_failed=c["failed"],
+            retries=c["retries"],
+            duplicates=c["duplicates"],
+            rejected_busy=c["busy"],
+            worker_list=workers,
+        )
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the table is inconsistent (tests call it after each step)."""
+        queued = [k for lane in self._lanes.values() for k in lane]
+        assert len(queued) == len(set(queued)), "a task is queued twice"
+        for key, task in self._tasks.items():
+            assert (key in queued) == (task.state is _State.QUEUED), f"lane/state of {key!r}"
+            running = task.state is _State.DISPATCHED and task.worker in self._workers
+            if task.worker is not None:
+                assert running and key in self._workers[task.worker].running, f"owner of {key!r}"
+        for worker in self._workers.values():
+            assert worker.credit >= 0
+            for key in worker.running:
+                assert self._tasks[key].worker == worker.session
+        assert self._bytes == sum(t.size for t in self._tasks.values()), "byte count"
+        assert all(lane for lane in self._lanes.values()), "an empty lane"
+
+    # --- internals ---------------------------------------------------------------
+
+    def _enqueue(self, task: _Task, *, front: bool) -> None:
+        task.state = _State.QUEUED
+        lane = self._lanes.get(task.lane)
+        if lane is None:
+            lane = self._lanes[task.lane] = deque()
+        if front:
+            lane.appendleft(task.key)
+        else:
+            lane.append(task.key)
+
+    def _unqueue(self, task: _Task) -> None:
+        lane = self._lanes[task.lane]
+        lane.remove(task.key)
+        if not lane:
+            del self._lanes[task.lane]
+
+    def _dispatch(self) -> list[Out]:
+        outs: list[Out] = []
+        while self._lanes:
+            for lane_key in self._lanes:
+                worker = self._pick(lane_key[1])
+                if worker is not None:
+                    break
+            else:
+                return outs
+            lane = self._lanes[lane_key]
+            key = lane.popleft()
+            if lane:
+                self._lanes.move_to_end(lane_key)
+            else:
+                del self._lanes[lane_key]
+            task = self._tasks[key]
+            task.state, task.worker = _State.DISPATCHED, worker.session
+            worker.running.add(key)
+            worker.credit -= 1
+            self._turns += 1
+            worker.turn = self._turns
+            outs.append((worker.session, Dispatch(key, task.attempt, task.payload)))
+        return outs
+
+    def _pick(self, requires: _Requires) -> _Worker | None:
+        best: _Worker | None = None
+        for worker in self._workers.values():
+            if worker.credit <= 0 or any(worker.labels.get(k) != v for k, v in requires):
+                continue
+            if best is None or (worker.credit, -worker.turn) > (best.credit, -best.turn):
+                best = worker
+        return best
+
+    def _requeue(self, task: _Task, worker: _Worker, reason: str | None, now: float) -> list[Out]:
+        worker.running.discard(task.key)
+        task.worker = None
+        if reason is not None:
+            task.losses += 1
+        if task.losses > self.limits.max_retries:
+            who = f"worker node {worker.name!r} (pid {worker.pid} on {worker.host or '?'})"
+            message = (
+                f"{who} was lost: {reason}; task {task.key[SESSION_BYTES:]!r} ran"
+                f" {task.attempt} times, past the retry limit of {self.limits.max_retries}"
+            )
+            return self._settle(task, task.attempt, "lost", message, (), now)
+        self._counts["retries"] += 1
+        task.attempt += 1
+        self._enqueue(task, front=True)
+        return []
+
+    def _crashed(self, task: _Task, cause: str, worker: _Worker, now: float) -> list[Out]:
+        worker.running.discard(task.key)
+        task.worker = None
+        task.crashes.append(cause or "unknown cause")
+        if len(task.crashes) >= self.limits.poison_limit:
+            text = (
+                f"task {task.key[SESSION_BYTES:]!r} is poisoned: it killed its task process"
+                f" {len(task.crashes)} times ({'; '.join(task.crashes)})"
+            )
+            return self._settle(task, task.attempt, "poisoned", text, (), now)
+        self._counts["retries"] += 1
+        task.attempt += 1
+        self._enqueue(task, front=True)
+        return []
+
+    def _settle(
+        self,
+        task: _Task,
+        attempt: int,
+        status: str,
+        text: str,
+        payload: Payload,
+        now: float,
+    ) -> list[Out]:
+        outs: list[Out] = []
+        if task.state is _State.QUEUED:
+            self._unqueue(task)
+        elif task.worker is not None:
+            # a late result of an earlier attempt won: stop the re-run
+            self._workers[task.worker].running.discard(task.key)
+            outs.append((task.worker, Cancel(task=task.key, attempt=task.attempt)))
+            task.worker = None
+        self._counts["done" if status in ("ok", "error") else "failed"] += 1
+        size = sum(len(memoryview(frame)) for frame in payload)
+        self._bytes += size - task.size
+        task.state, task.size, task.payload = _State.RESULTED, size, ()
+        task.result = Result(task.key[SESSION_BYTES:], attempt, status, text, 0, payload)
+        client = self._clients.get(task.owner)
+        if client is not None and client.present:
+            outs.append((task.owner, task.result))
+        else:
+            self._hold(task.key, now)
+        return outs
+
+    def _hold(self, key: bytes, now: float) -> None:
+        self._held[key] = now + self.limits.result_ttl
+        self._held.move_to_end(key)
+        while len(self._held) > self.limits.result_limit:
+            self._expire(next(iter(self._held)))
+
+    def _expire(self, key: bytes) -> None:
+        self._held.pop(key, None)
+        task = self._tasks.get(key)
+        if task is None:
+            return
+        self._forget(task)
+        text = "the result waited for its absent client past the broker's result limits"
+        self._expired[key] = Result(key[SESSION_BYTES:], task.attempt, "expired", text)
+        while len(self._expired) > self.limits.tombstone_limit:
+            old, _ = self._expired.popitem(last=False)
+            client = self._clients.get(old[:SESSION_BYTES])
+            if client is not None:
+                client.tasks.discard(old)
+
+    def _forget(self, task: _Task) -> None:
+        del self._tasks[task.key]
+        self._held.pop(task.key, None)
+        self._bytes -= task.size
+
+    def _tombstone(self, key: bytes, now: float) -> None:
+        self._tombstones[key] = now + self.limits.tombstone_ttl
+        self._tombstones.move_to_end(key)
+        while len(self._tombstones) > self.limits.tombstone_limit:
+            self._tombstones.popitem(last=False)
+
+    def _drop_client_if_idle(self, session: bytes) -> None:
+        client = self._clients.get(session)
+        if client is not None and not client.present and not client.tasks:
+            del self._clients[session]
