@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
+from tests.cluster import jobs
+from tests.cluster.netlab import stop
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
 IMAGE = "fabric-cluster:test"
@@ -80,9 +83,8 @@ def run(
     cmd = [*(compose_command() or ()), "-f", str(COMPOSE_FILE), *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-        )
+        output = done.stdout[-4000:] + done.stderr[-4000:]
+        raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}\n{output}")
     return done
 
 
@@ -100,6 +102,7 @@ class Project:
     def __init__(self, env: dict[str, str]) -> None:
         self.name = f"fabrictest{secrets.token_hex(4)}"
         self.env = env
+        self._procs: list[subprocess.Popen[str]] = []
 
     def __call__(
         self, *args: str, timeout: float = 300, check: bool = True
@@ -110,9 +113,11 @@ class Project:
     def popen(self, *args: str) -> subprocess.Popen[str]:
         """Start ``compose -p NAME ARGS...`` with stdout piped (stderr joins it)."""
         cmd = [*(compose_command() or ()), "-f", str(COMPOSE_FILE), "-p", self.name, *args]
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
+        self._procs.append(proc)
+        return proc
 
     def containers(self, service: str) -> list[str]:
         """Ids of the service's running containers."""
@@ -121,6 +126,16 @@ class Project:
             "--filter", f"label=com.docker.compose.service={service}",
         )  # fmt: skip
         return out.split()
+
+    def workers(self) -> set[str]:
+        """The worker nodes the broker lists now (``fabric status`` in its container)."""
+        (broker,) = self.containers("broker")
+        done = subprocess.run(
+            ["docker", "exec", broker, "fabric", "status", "tcp://127.0.0.1:5555",
+             "--keys", "/var/lib/fabric/keys", "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        return jobs.worker_names(done.stdout) if done.returncode == 0 else set()
 
     def network(self) -> str:
         """The project's default network."""
@@ -140,7 +155,11 @@ class Project:
         }
 
     def down(self) -> None:
-        """Remove the project's containers, networks and volumes."""
+        """Stop the commands started here; remove the containers, networks and volumes."""
+        for proc in self._procs:
+            stop(proc)
+            if proc.stdout:
+                proc.stdout.close()
         self("down", "-v", "--remove-orphans", "-t", "5", timeout=120, check=False)
 
 

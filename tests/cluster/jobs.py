@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -62,6 +63,11 @@ class JobRun:
             if match := _SUMMARY.search(line):
                 return status, Summary(*(int(g) for g in match.groups()))
         raise AssertionError(f"no summary line (exit {status}):\n" + "\n".join(self.lines[-40:]))
+
+
+def worker_names(status_json: str) -> set[str]:
+    """The worker nodes in ``fabric status --json`` output."""
+    return {worker["name"] for worker in json.loads(status_json)["worker_list"]}
 
 
 def summary_of(text: str) -> Summary:

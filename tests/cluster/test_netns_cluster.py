@@ -21,7 +21,8 @@ from tests.cluster import jobs, netlab
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 PORT = 5555
-LIVENESS_S = 3.0
+# Heartbeats every 0.5 s, a peer silent for 6 of them (3 s) is dead.
+FAST_LIVENESS = ["--heartbeat", "0.5", "--liveness", "6"]
 FABRIC = [sys.executable, "-m", "fabric"]
 
 
@@ -40,8 +41,7 @@ class FabricLab:
         return self.lab.run(
             "broker",
             [*FABRIC, "-v", "broker", "--bind", self.address, "--keys", str(self.keys),
-             "--journal", str(self.journal), "--heartbeat-interval", "0.5",
-             "--liveness-timeout", str(LIVENESS_S)],
+             "--journal", str(self.journal), *FAST_LIVENESS],
             log="broker.log",
         )  # fmt: skip
 
@@ -69,16 +69,11 @@ class FabricLab:
     def workers(self) -> set[str]:
         """The worker nodes the broker lists now (``fabric status``, from the client host)."""
         proc = self.lab.run(
-            "client", [*FABRIC, "status", self.address, "--keys", str(self.keys)],
+            "client", [*FABRIC, "status", self.address, "--keys", str(self.keys), "--json"],
             log="status.log", stdout=subprocess.PIPE,
         )  # fmt: skip
         out, _ = proc.communicate(timeout=60)
-        return set(parse_workers(out)) if proc.returncode == 0 else set()
-
-
-def parse_workers(status: str) -> list[str]:
-    """Worker node names in ``fabric status`` output."""
-    return [line.split()[0] for line in status.splitlines() if line.startswith(("w1 ", "w2 "))]
+        return jobs.worker_names(out) if proc.returncode == 0 else set()
 
 
 @pytest.fixture
