@@ -157,9 +157,7 @@ class Project:
     def down(self) -> None:
         """Stop the commands started here; remove the containers, networks and volumes."""
         for proc in self._procs:
-            stop(proc)
-            if proc.stdout:
-                proc.stdout.close()
+            stop(proc)  # its reader sees EOF and closes the pipe
         self("down", "-v", "--remove-orphans", "-t", "5", timeout=120, check=False)
 
 

@@ -67,8 +67,9 @@ class Lines:
         self._thread.start()
 
     def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._queue.put(line.rstrip("\n"))
+        with stream:
+            for line in stream:
+                self._queue.put(line.rstrip("\n"))
         self._queue.put("")  # EOF
 
     def get(self, timeout: float) -> str:
@@ -206,8 +207,6 @@ class Lab:
             if self._switch.stdin:
                 self._switch.stdin.close()
             stop(self._switch, grace=5.0)
-            if self._switch.stdout:
-                self._switch.stdout.close()
         for netns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
         self._made.clear()
