@@ -1,8 +1,9 @@
 """Process start+join per start method: fabric against multiprocessing, in one run.
 
 Each figure is the mean time of ``BATCH`` consecutive ``start(); join()`` of a
-no-op target defined in this module (so both libraries import it by reference
-in a spawned child), after one warm-up start that launches either fork server.
+no-op target from a module of its own (both libraries import it by reference
+in a spawn or forkserver child, and nothing else with it), after one warm-up
+start that launches either fork server.
 ``threading.Thread`` is measured alongside for scale.
 """
 
@@ -18,18 +19,15 @@ from typing import Any
 
 import fabric.local
 from bench._harness import Stats, Table, repeat
+from bench._noop import noop
 
 BATCH = {"fork": 40, "forkserver": 40, "spawn": 8}
-
-
-def _noop() -> None:
-    pass
 
 
 def _per_start_ms(make: Callable[..., Any], count: int) -> float:
     start = time.perf_counter()
     for _ in range(count):
-        worker = make(target=_noop)
+        worker = make(target=noop)
         worker.start()
         worker.join()
     return (time.perf_counter() - start) / count * 1e3

@@ -11,7 +11,27 @@ class FabricError(Exception):
 
 
 class WorkerLostError(FabricError):
-    """A worker process or node died while running a task, past the retry limit."""
+    """A worker process or node died while running a task, past the retry limit.
+
+    ``task`` names the task, ``pid`` the last worker that died running it,
+    ``exitcode`` how it died (``-N`` for signal N) and ``attempts`` how many
+    workers it took down; each is ``None`` where the raiser cannot know it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task: object = None,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.task = task
+        self.pid = pid
+        self.exitcode = exitcode
+        self.attempts = attempts
 
 
 class ProtocolError(FabricError):

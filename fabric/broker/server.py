@@ -498,7 +498,7 @@ class Broker:
             case p.Bye():
                 self._end(session, now, None)
             case p.Error(code=code, message=text):
-                log.warning("%s %r reports %s: %s", session.role, session.name, code, text)
+                log.info("%s %r reports error %r: %r", session.role, session.name, code, text)
             case _:  # Heartbeat: touching the session was all
                 pass
 

@@ -13,6 +13,8 @@ from fabric.local.context import (
     get_start_method,
     set_start_method,
 )
+from fabric.local.executor import Executor
+from fabric.local.pool import Pool
 from fabric.local.process import (
     ExceptHookArgs,
     Process,
@@ -45,8 +47,10 @@ __all__: list[str] = [
     "Event",
     "ExceptHookArgs",
     "ExceptionProxy",
+    "Executor",
     "Lock",
     "OwnerDiedWarning",
+    "Pool",
     "Process",
     "RLock",
     "RemoteTraceback",

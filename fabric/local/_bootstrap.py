@@ -103,7 +103,6 @@ def run(
     created it lives as long as its process, which ``PR_SET_PDEATHSIG`` needs.
     """
     _process._become(process_obj, parent_name, parent_pid)
-    _close_stdin()
     if process_obj.daemon:
         _die_with_parent(expected_ppid, long_lived_starter)
     try:
@@ -188,16 +187,6 @@ def _watch_parent(sentinel: int) -> None:
 
     _process.wait_readable(sentinel, None)
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _close_stdin() -> None:
-    # As multiprocessing does: a child reading the parent's terminal would race it.
-    if sys.stdin is None:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        sys.stdin.close()
-    with contextlib.suppress(OSError):
-        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
 
 
 def _join_threads() -> None:

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import warnings
+import weakref
 
 from fabric.local import _bootstrap
 from fabric.local import process as _process
@@ -26,6 +27,8 @@ class PidfdPopen:
         self.sentinel = os.pidfd_open(pid)
         self.returncode: int | None = None
         self._lock = threading.Lock()
+        self._closer = weakref.finalize(self, os.close, self.sentinel)
+        self._closer.atexit = False  # needed by the exit handler that reaps children
 
     def _reap(self) -> int | None:
         try:
@@ -53,9 +56,8 @@ class PidfdPopen:
             signal.pidfd_send_signal(self.sentinel, sig)
 
     def close(self) -> None:
-        if self.sentinel >= 0:
-            os.close(self.sentinel)
-            self.sentinel = -1
+        self._closer()
+        self.sentinel = -1
 
 
 class ForkPopen(PidfdPopen):
@@ -66,10 +68,14 @@ class ForkPopen(PidfdPopen):
         long_lived = threading.current_thread() is threading.main_thread()
         parent_name, parent_pid = _process.current_process().name, os.getpid()
         _bootstrap.flush_std_streams()  # or buffered output would be written twice
+        devnull = _devnull()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                # As multiprocessing does: a child reading the parent's terminal
+                # would race it (spawn and forkserver children get /dev/null too).
+                os.dup2(devnull, 0)
                 code = _bootstrap.run(
                     process_obj,
                     report_fd,
@@ -81,6 +87,17 @@ class ForkPopen(PidfdPopen):
             finally:
                 os._exit(code)
         super().__init__(pid)
+
+
+class _DevNull:
+    fd = -1
+
+
+def _devnull() -> int:
+    # Opened once: a read-only /dev/null fd shared by every fork child's stdin.
+    if _DevNull.fd < 0:
+        _DevNull.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _DevNull.fd
 
 
 def _warn_if_threads() -> None:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import threading
+import weakref
 
 from fabric.errors import FabricError
 from fabric.local import _launch
@@ -129,11 +130,14 @@ class ForkServerPopen:
         (self.pid,) = PID.unpack(reply)
         self.sentinel = self._status.fileno()
         self.returncode: int | None = None
+        self._lost = False  # the server died before reporting: the child may still run
         self._lock = threading.Lock()
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:  # already exited and reaped by the server
             self._pidfd = -1
+        self._closer = weakref.finalize(self, _release, self._status, self._pidfd)
+        self._closer.atexit = False  # needed by the exit handler that reaps children
 
     @staticmethod
     def _request(fds: list[int]) -> socket.socket:
@@ -155,6 +159,7 @@ class ForkServerPopen:
         reply = self._status.recv(CODE.size, socket.MSG_WAITALL)
         if len(reply) != CODE.size:
             _log.warning("fork server died before reporting child %d's exit code", self.pid)
+            self._lost = True
             return _LOST
         (code,) = CODE.unpack(reply)
         return int(code)
@@ -165,13 +170,17 @@ class ForkServerPopen:
         return self.poll()
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is not None or self._pidfd < 0:
+        if (self.returncode is not None and not self._lost) or self._pidfd < 0:
             return
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self._pidfd, sig)
 
     def close(self) -> None:
-        self._status.close()
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
+        self._closer()
+        self._pidfd = -1
+
+
+def _release(status: socket.socket, pidfd: int) -> None:
+    status.close()
+    if pidfd >= 0:
+        os.close(pidfd)

@@ -20,7 +20,9 @@ class SpawnPopen(PidfdPopen):
         launch_fd = _launch.write_launch(data)
         try:
             command = [*_launch.python_command(_CODE), str(launch_fd), *map(str, fds)]
-            self._proc = subprocess.Popen(command, pass_fds=[launch_fd, *fds])
+            self._proc = subprocess.Popen(
+                command, pass_fds=[launch_fd, *fds], stdin=subprocess.DEVNULL
+            )
         finally:
             os.close(launch_fd)
         super().__init__(self._proc.pid)

@@ -182,17 +182,18 @@ class _Allocator:
             return self.chunk, offset
 
     def give_back(self, segment: Segment, offset: int, span: int) -> None:
-        with self.lock:
-            self.pending.append((segment, offset, span))
+        # No lock: this runs from a Block's finalizer, which the garbage
+        # collector may call inside take() while this thread holds self.lock.
+        # list.append is atomic, and _collect_pending swaps the list out.
+        self.pending.append((segment, offset, span))
 
     def _collect_pending(self) -> None:
-        still = []
-        for segment, offset, span in self.pending:
+        pending, self.pending = self.pending, []
+        for segment, offset, span in pending:
             if _refcount(segment, offset).value == 0:
                 self.free.setdefault(span, []).append((segment, offset))
             else:
-                still.append((segment, offset, span))
-        self.pending = still
+                self.pending.append((segment, offset, span))
 
 
 def _round_up(size: int) -> int:

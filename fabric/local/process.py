@@ -15,6 +15,7 @@ import atexit
 import itertools
 import os
 import sys
+import weakref
 from collections import namedtuple
 
 TYPE_CHECKING = False  # typing is not imported at run time: a spawned child pays for it
@@ -149,7 +150,7 @@ class Process:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_popen", "_closed", "_report_fd", "_exception"):
+        for key in ("_popen", "_closed", "_report_fd", "_report_closer", "_exception"):
             state.pop(key, None)
         return state
 
@@ -173,13 +174,16 @@ class Process:
 
         popen_type = context.popen_type(self._start_method or context.chosen_method())
         _reap()
-        self._report_fd = os.memfd_create("fabric-report", os.MFD_CLOEXEC)
+        report_fd = os.memfd_create("fabric-report", os.MFD_CLOEXEC)
         try:
-            self._popen = popen_type(self, self._report_fd)
+            self._popen = popen_type(self, report_fd)
         except BaseException:
-            os.close(self._report_fd)
-            self._report_fd = -1
+            os.close(report_fd)
             raise
+        self._report_fd = report_fd
+        # Closed once the exception is read, or when this object is collected.
+        self._report_closer = weakref.finalize(self, os.close, report_fd)
+        self._report_closer.atexit = False
         _state.children.add(self)
 
     def join(self, timeout: float | None = None) -> None:
@@ -304,7 +308,7 @@ class Process:
         try:
             data = os.pread(fd, os.fstat(fd).st_size, 0)
         finally:
-            os.close(fd)
+            self._report_closer()
         if data:
             from fabric.local._exceptions import restore
 

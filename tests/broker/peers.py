@@ -57,6 +57,12 @@ class Peer:
             if not isinstance(message, p.Heartbeat):
                 return message
 
+    def take(self, timeout: float = 0.0) -> p.Message | None:
+        """Return a message that arrives within ``timeout`` (a HEARTBEAT too), or None."""
+        if not self.socket.poll(int(timeout * 1000)):
+            return None
+        return p.decode(self.socket.recv_multipart())
+
     def expect(self, kind: type[M], timeout: float = 10.0) -> M:
         message = self.recv(timeout)
         assert isinstance(message, kind), f"expected {kind.__name__}, got {message!r}"

@@ -446,3 +446,49 @@ def test_repr(ctx: Context) -> None:
     proc.start()
     proc.join(TIMEOUT)
     assert "exitcode=0" in repr(proc) and f"pid={proc.pid}" in repr(proc)
+
+
+def start_grandchild(method: str, block: _shm.Block) -> None:
+    inner = fabric.local.get_context(method).Process(target=report_identity, args=(block,))
+    inner.start()
+    inner.join(TIMEOUT)
+    sys.exit(inner.exitcode)
+
+
+@pytest.mark.parametrize("inner", ["fork", "forkserver", "spawn"])
+def test_children_start_children(ctx: Context, inner: str) -> None:
+    block = _shm.allocate(256)
+    proc = ctx.Process(target=start_grandchild, args=(inner, block), name="middle")
+    proc.start()
+    proc.join(TIMEOUT)
+    assert proc.exitcode == 0
+    name, pid, _real, _daemon, parent_name, parent_pid, _alive = (
+        bytes(block.buffer[:200]).decode().strip().split("|")
+    )
+    assert name.startswith(f"Process-{proc._identity[0]}:1 ")
+    assert (parent_name, int(parent_pid)) == ("middle", proc.pid)
+    assert int(pid) not in (proc.pid, os.getpid())
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_fds_are_released_by_close_and_by_collection(ctx: Context) -> None:
+    import gc
+
+    proc = ctx.Process(target=len, args=((),))
+    proc.start()
+    proc.join(TIMEOUT)
+    before = open_fds()
+    for _ in range(3):
+        proc = ctx.Process(target=raise_value_error, args=("x",))
+        proc.start()
+        proc.join(TIMEOUT)
+        proc.close()
+        proc = ctx.Process(target=len, args=((),))
+        proc.start()
+        proc.join(TIMEOUT)
+    del proc
+    gc.collect()
+    assert open_fds() <= before

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.local.test_lifetime import wait_gone
+
 METHODS = ["fork", "forkserver", "spawn"]
 TIMEOUT = 60.0
 
@@ -138,3 +140,38 @@ def test_exit_waits_for_non_daemonic_children(tmp_path: Path, method: str) -> No
     done = run_script(tmp_path, JOINS_AT_EXIT, method)
     assert done.returncode == 0, done.stderr
     assert sorted(done.stdout.splitlines()) == ["child finished", "main finished"]
+
+
+SERVER_KILLED = """
+import os, signal, sys
+import fabric.local
+from fabric.local import _popen_forkserver
+
+def block_forever():
+    signal.pause()
+
+if __name__ == "__main__":
+    ctx = fabric.local.get_context("forkserver")
+    running = ctx.Process(target=block_forever)
+    running.start()
+    server = _popen_forkserver._Holder.server.proc
+    server.kill()
+    server.wait()
+    running.join(30)
+    print("orphan", running.exitcode, running.pid, flush=True)
+    running.kill()  # the child outlived its server: the pidfd still reaches it
+    again = ctx.Process(target=print, args=("restarted",))
+    again.start()
+    again.join(30)
+    print("again", again.exitcode, flush=True)
+"""
+
+
+def test_fork_server_killed_is_replaced(tmp_path: Path) -> None:
+    done = run_script(tmp_path, SERVER_KILLED)
+    assert done.returncode == 0, done.stderr
+    orphan, code, pid = done.stdout.splitlines()[0].split()
+    assert (orphan, code) == ("orphan", "255")
+    assert done.stdout.splitlines()[1:] == ["restarted", "again 0"]
+    assert wait_gone(int(pid), TIMEOUT)
+    assert "fork server died before reporting child" in done.stderr

@@ -1,0 +1,307 @@
+"""Pool and Executor against multiprocessing, concurrent.futures, loky and mpire.
+
+Four tables, every row measured in the same run with the same worker count:
+
+* per-task throughput on 20k no-op tasks, each task sent on its own
+  (``submit``/``apply_async``, or ``imap_unordered`` with ``chunksize=1``);
+* ``map`` throughput on 20k no-op tasks with each library's automatic chunks;
+* CPU efficiency on 200 tasks of ~10 ms of pure-Python work: the wall time of
+  the same work split evenly over bare forked processes (no IPC at all),
+  measured just before, over the pool's wall time; 100% is ideal;
+* start-up: constructor to the first result of a trivial task.
+
+loky and mpire are optional (the ``bench`` extra); missing ones are skipped
+and named in the table's note.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib.util
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from bench._harness import Stats, Table
+from fabric.local import Executor, Pool
+from fabric.local.pool import default_processes
+
+N_NOOP = 20_000
+N_CPU = 200
+CPU_TASK_S = 0.010
+
+_spins = 0  # loop count for ~CPU_TASK_S, calibrated once per run
+
+
+def noop(x: Any) -> Any:
+    return x
+
+
+def spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def _calibrate() -> int:
+    n = 10_000
+    while True:
+        start = time.perf_counter()
+        spin(n)
+        took = time.perf_counter() - start
+        if took > 0.05:
+            return int(n * CPU_TASK_S / took)
+        n *= 2
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# -- candidates: each maker returns (context manager, per-task, map, cpu-style runners) --
+
+
+def _mp_pool(workers: int) -> Any:
+    return multiprocessing.get_context("fork").Pool(workers)
+
+
+def _ppe(workers: int) -> Any:
+    return cf.ProcessPoolExecutor(workers, multiprocessing.get_context("fork"))
+
+
+def _loky(workers: int) -> Any:
+    import loky
+
+    return loky.ProcessPoolExecutor(workers)
+
+
+def _mpire(workers: int) -> Any:
+    from mpire import WorkerPool
+
+    return WorkerPool(n_jobs=workers, start_method="fork")
+
+
+def _submit_all(executor: Any, fn: Callable[[Any], Any], items: Iterable[Any]) -> None:
+    futures = [executor.submit(fn, x) for x in items]
+    for future in futures:
+        future.result()
+
+
+def _apply_all(pool: Any, fn: Callable[[Any], Any], items: Iterable[Any]) -> None:
+    results = [pool.apply_async(fn, (x,)) for x in items]
+    for result in results:
+        result.get()
+
+
+def _drain(iterator: Iterable[Any]) -> None:
+    for _ in iterator:
+        pass
+
+
+# name -> (maker, runner(pool, fn, items))
+PER_TASK: dict[str, tuple[Callable[[int], Any], Callable[[Any, Any, list[Any]], None]]] = {
+    "fabric Executor.submit": (Executor, _submit_all),
+    "fabric Pool.apply_async": (Pool, _apply_all),
+    "fabric Pool.imap_unordered chunksize=1": (
+        Pool,
+        lambda p, f, xs: _drain(p.imap_unordered(f, xs, 1)),
+    ),
+    "mp.Pool.imap_unordered chunksize=1": (
+        _mp_pool,
+        lambda p, f, xs: _drain(p.imap_unordered(f, xs, 1)),
+    ),
+    "mp.Pool.apply_async": (_mp_pool, _apply_all),
+    "ProcessPoolExecutor.submit": (_ppe, _submit_all),
+    "loky submit": (_loky, _submit_all),
+    "mpire apply_async": (_mpire, _apply_all),
+}
+
+MAPS: dict[str, tuple[Callable[[int], Any], Callable[[Any, Any, list[Any]], None]]] = {
+    "fabric Pool.map (auto chunks)": (Pool, lambda p, f, xs: p.map(f, xs)),
+    "fabric Pool.imap_unordered (auto chunks)": (
+        Pool,
+        lambda p, f, xs: _drain(p.imap_unordered(f, xs)),
+    ),
+    "fabric Executor.map chunksize=len/8": (
+        Executor,
+        lambda p, f, xs: _drain(p.map(f, xs, chunksize=max(1, len(xs) // 8))),
+    ),
+    "mp.Pool.map (auto chunks)": (_mp_pool, lambda p, f, xs: p.map(f, xs)),
+    "ProcessPoolExecutor.map chunksize=len/8": (
+        _ppe,
+        lambda p, f, xs: _drain(p.map(f, xs, chunksize=max(1, len(xs) // 8))),
+    ),
+    "loky map chunksize=len/8": (
+        _loky,
+        lambda p, f, xs: _drain(p.map(f, xs, chunksize=max(1, len(xs) // 8))),
+    ),
+    "mpire map (auto chunks)": (_mpire, lambda p, f, xs: p.map(f, xs)),
+}
+
+CPU: dict[str, tuple[Callable[[int], Any], Callable[[Any, Any, list[Any]], None]]] = {
+    "fabric Pool.map (auto chunks)": MAPS["fabric Pool.map (auto chunks)"],
+    "fabric Pool.imap_unordered (auto chunks)": MAPS["fabric Pool.imap_unordered (auto chunks)"],
+    "fabric Executor.submit": PER_TASK["fabric Executor.submit"],
+    "mp.Pool.map (auto chunks)": MAPS["mp.Pool.map (auto chunks)"],
+    "mp.Pool.imap_unordered chunksize=1": PER_TASK["mp.Pool.imap_unordered chunksize=1"],
+    "ProcessPoolExecutor.submit": PER_TASK["ProcessPoolExecutor.submit"],
+    "loky submit": PER_TASK["loky submit"],
+    "mpire map (auto chunks)": MAPS["mpire map (auto chunks)"],
+}
+
+_OPTIONAL = {"loky": "loky", "mpire": "mpire"}
+
+
+def _available(name: str) -> bool:
+    return all(_have(mod) for key, mod in _OPTIONAL.items() if name.startswith(key))
+
+
+def _shut(pool: Any) -> None:
+    if hasattr(pool, "shutdown"):
+        pool.shutdown(wait=True)
+    elif hasattr(pool, "terminate"):
+        pool.terminate()
+        if hasattr(pool, "join"):
+            pool.join()
+
+
+def _throughput(
+    maker: Callable[[int], Any],
+    runner: Callable[..., None],
+    fn: Any,
+    items: list[Any],
+    workers: int,
+    repeats: int,
+) -> Stats:
+    pool = maker(workers)
+    try:
+        runner(pool, fn, items[: max(1, len(items) // 10)])  # warm up: workers started
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner(pool, fn, items)
+            rates.append(len(items) / (time.perf_counter() - start))
+        return Stats(tuple(rates))
+    finally:
+        _shut(pool)
+
+
+def _startup(maker: Callable[[int], Any], workers: int, repeats: int) -> Stats:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pool = maker(workers)
+        try:
+            if hasattr(pool, "submit"):
+                pool.submit(noop, 1).result()
+            else:
+                pool.apply_async(noop, (1,)).get()
+            times.append((time.perf_counter() - start) * 1e3)
+        finally:
+            _shut(pool)
+    return Stats(tuple(times))
+
+
+def run(repeats: int) -> list[Table]:
+    global _spins
+    workers = min(2, default_processes())
+    _spins = _calibrate()
+    skipped = sorted({k for k in _OPTIONAL if not _have(_OPTIONAL[k])})
+    note = f"{workers} workers; fork start method everywhere."
+    if skipped:
+        note += f" Not installed, skipped: {', '.join(skipped)}."
+
+    per_task = Table(
+        f"{N_NOOP // 1000}k no-op tasks, one task per message",
+        "tasks/s",
+        baseline="mp.Pool.imap_unordered chunksize=1",
+        note=note,
+    )
+    for name, (maker, runner) in PER_TASK.items():
+        if _available(name):
+            per_task.add(
+                name, _throughput(maker, runner, noop, list(range(N_NOOP)), workers, repeats)
+            )
+
+    maps = Table(
+        f"{N_NOOP // 1000}k no-op tasks, map with chunks",
+        "tasks/s",
+        baseline="mp.Pool.map (auto chunks)",
+        note=note,
+    )
+    for name, (maker, runner) in MAPS.items():
+        if _available(name):
+            maps.add(name, _throughput(maker, runner, noop, list(range(N_NOOP)), workers, repeats))
+
+    cpu = Table(
+        f"{N_CPU} tasks of ~{CPU_TASK_S * 1e3:.0f} ms CPU each: efficiency vs ideal",
+        "% of ideal",
+        baseline="mp.Pool.map (auto chunks)",
+        note=note + " Ideal: the same work split evenly over bare forked processes (no IPC), "
+        "timed just before each measurement so both see the same machine load.",
+    )
+    for name, (maker, runner) in CPU.items():
+        if _available(name):
+            cpu.add(name, _efficiency(maker, runner, workers, repeats))
+
+    startup = Table(
+        "start-up: constructor to the first result",
+        "ms",
+        higher_is_better=False,
+        baseline="mp.Pool",
+        note=note,
+    )
+    starters: dict[str, Callable[[int], Any]] = {
+        "fabric Pool": Pool,
+        "fabric Executor": Executor,
+        "mp.Pool": _mp_pool,
+        "ProcessPoolExecutor": _ppe,
+        "loky": _loky,
+        "mpire": _mpire,
+    }
+    for name, maker in starters.items():
+        if _available(name):
+            startup.add(name, _startup(maker, workers, repeats))
+    return [per_task, maps, cpu, startup]
+
+
+def _bare_wall(workers: int) -> float:
+    """Run the CPU work split evenly over bare forked processes: no IPC, no pool."""
+    share = N_CPU // workers
+    start = time.perf_counter()
+    pids = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for _ in range(share):
+                    spin(_spins)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return time.perf_counter() - start
+
+
+def _efficiency(
+    maker: Callable[[int], Any], runner: Callable[..., None], workers: int, repeats: int
+) -> Stats:
+    items = [_spins] * N_CPU
+    pool = maker(workers)
+    try:
+        runner(pool, spin, items[:workers])
+        values = []
+        for _ in range(repeats):
+            ideal = _bare_wall(workers)  # right before, so both see the same machine load
+            start = time.perf_counter()
+            runner(pool, spin, items)
+            values.append(100.0 * ideal / (time.perf_counter() - start))
+        return Stats(tuple(values))
+    finally:
+        _shut(pool)

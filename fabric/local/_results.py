@@ -1,0 +1,330 @@
+"""The result objects Pool hands out: AsyncResult, MapResult, IMapIterator.
+
+They mirror ``multiprocessing.pool`` (``get``/``wait``/``ready``/``successful``,
+callbacks run on the pool's loop thread before waiters wake) and add what the
+engine needs: each is fed by :class:`~fabric.local._pool_engine.Task` objects
+delivering on the loop thread. A timed wait raises the builtin
+``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+from fabric.local import _pool_wire as wire
+from fabric.local._pool_engine import Engine, Task
+
+__all__ = ["AsyncResult", "CallTask", "IMapIterator", "MapResult", "chunk_bounds"]
+
+T = TypeVar("T")
+
+_TARGET_CHUNK_S = 0.005  # adaptive chunks aim at this much work each
+_MAX_CHUNK = 4096
+
+
+def chunk_bounds(length: int, processes: int, chunksize: int | None) -> list[int]:
+    """Return the start of each chunk of ``map``, then ``length``.
+
+    A given ``chunksize`` cuts equal chunks. Otherwise chunks shrink as the map
+    goes (guided scheduling): each is an eighth of what is left per worker, never
+    under 1/64 of a worker's share, so the first chunks are big and cheap and the
+    last ones small enough to even out the finish when one worker runs slow.
+    """
+    if chunksize is not None:
+        return [*range(0, length, chunksize), length]
+    floor = max(1, -(-length // (64 * processes)))
+    bounds, start = [], 0
+    while start < length:
+        bounds.append(start)
+        start += max(floor, -(-(length - start) // (8 * processes)))
+    return [*bounds, length]
+
+
+class AsyncResult(Generic[T]):
+    """The pending result of one ``apply_async`` (or a whole ``map_async``)."""
+
+    def __init__(
+        self,
+        callback: Callable[[T], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> None:
+        self._callback = callback
+        self._error_callback = error_callback
+        self._done = False
+        self._ok = False
+        self._value: Any = None
+        self._event: threading.Event | None = None
+
+    def ready(self) -> bool:
+        """Return whether the call has completed."""
+        return self._done
+
+    def successful(self) -> bool:
+        """Return whether the call completed without raising; ValueError if not ready."""
+        if not self._done:
+            raise ValueError(f"{self!r} not ready")
+        return self._ok
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the result is ready or ``timeout`` seconds pass."""
+        if self._done:
+            return
+        with _event_lock:
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        if not self._done:
+            event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> T:
+        """Return the result, or raise the call's exception; TimeoutError after ``timeout``."""
+        self.wait(timeout)
+        if not self._done:
+            raise TimeoutError(f"the result was not ready within {timeout} s")
+        if self._ok:
+            return self._value  # type: ignore[no-any-return]
+        raise self._value
+
+    def _set(self, ok: bool, value: Any) -> None:
+        if self._done:
+            return
+        self._ok, self._value = ok, value
+        callback = self._callback if ok else self._error_callback
+        try:
+            if callback is not None:
+                callback(value)
+        finally:
+            # _done before reading _event pairs with wait() publishing _event before
+            # re-reading _done: one of the two always sees the other.
+            self._done = True
+            event = self._event
+            if event is not None:
+                event.set()
+
+
+# One lock for every result's lazily created Event: a result nobody waits on
+# costs no Event, and waits are rare next to completions.
+_event_lock = threading.Lock()
+
+
+class CallTask(Task):
+    """A task whose outcome goes to an AsyncResult."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, fn: Callable[..., Any], args: Any, kwargs: Any, result: AsyncResult[Any]):
+        super().__init__(fn, wire.CALL, args, kwargs)
+        self.result = result
+
+    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
+        self.result._set(ok, value)
+
+
+class _ChunkTask(Task):
+    __slots__ = ("job", "seq", "start")
+
+    def __init__(
+        self,
+        job: _ChunkSink,
+        fn: Callable[..., Any],
+        star: bool,
+        seq: int,
+        start: int,
+        items: list[Any],
+    ) -> None:
+        super().__init__(fn, wire.STAR if star else wire.MAP, items)
+        self.job = job
+        self.seq = seq
+        self.start = start
+
+    def claim(self) -> bool:
+        return self.job.wanted()
+
+    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
+        self.job.chunk_done(self, ok, value, seconds)
+
+    def describe(self) -> str:
+        stop = self.start + len(self.args) - 1
+        return f"{super().describe()[:-1]} over items {self.start}..{stop})"
+
+
+class _ChunkSink:
+    def wanted(self) -> bool:
+        return True
+
+    def chunk_done(self, task: _ChunkTask, ok: bool, value: Any, seconds: float) -> None:
+        raise NotImplementedError
+
+
+class MapResult(AsyncResult[list[T]], _ChunkSink):
+    """The pending result of ``map_async``/``starmap_async``: a list, or the first error."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        fn: Callable[..., Any],
+        items: list[Any],
+        bounds: list[int],
+        star: bool,
+        callback: Callable[[list[T]], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        progress: Any = None,
+    ) -> None:
+        super().__init__(callback, error_callback)
+        self._values: list[Any] = [None] * len(items)
+        self._left = 0
+        self._progress = progress
+        tasks = []
+        for seq, (start, stop) in enumerate(itertools.pairwise(bounds)):
+            tasks.append(_ChunkTask(self, fn, star, seq, start, items[start:stop]))
+        self._left = len(tasks)
+        if not tasks:
+            self._finish(True, [])
+            return
+        engine.submit_many(tasks)
+
+    def wanted(self) -> bool:
+        return not self._done
+
+    def chunk_done(self, task: _ChunkTask, ok: bool, value: Any, seconds: float) -> None:
+        if self._done:
+            return
+        if not ok:
+            self._finish(False, value)
+            return
+        self._values[task.start : task.start + len(value)] = value
+        if self._progress is not None:
+            self._progress.update(len(value))
+        self._left -= 1
+        if self._left == 0:
+            self._finish(True, self._values)
+
+    def _finish(self, ok: bool, value: Any) -> None:
+        if self._progress is not None:
+            self._progress.close()
+        self._set(ok, value)
+
+
+class IMapIterator(Iterator[T], _ChunkSink):
+    """Results of ``imap``/``imap_unordered``, streamed as the caller iterates.
+
+    Input is read lazily, in the caller's thread, and only while fewer than a
+    window of items are outstanding, so neither the input nor the results are
+    ever held whole. A failed chunk raises its exception in its place; iteration
+    then goes on with the next chunk (the failed chunk's other items are lost).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        ordered: bool,
+        star: bool = False,
+        progress: Any = None,
+    ) -> None:
+        self._engine = engine
+        self._fn = fn
+        self._input: Iterator[Any] | None = iter(iterable)
+        self._fixed = chunksize
+        self._ordered = ordered
+        self._star = star
+        self._progress = progress
+        self._item_time = 0.0
+        self._window = 256 * engine.processes
+        self._outstanding = 0  # items sent and not yet handed to the caller
+        self._seq = 0
+        self._next_seq = 0
+        self._start = 0
+        self._ready: dict[int, tuple[bool, Any, int]] = {}
+        self._order: collections.deque[int] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._current: Iterator[Any] = iter(())
+        self._refill()
+
+    def __iter__(self) -> IMapIterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> T:
+        """Return the next result; TimeoutError if none comes within ``timeout``."""
+        for value in self._current:
+            return value  # type: ignore[no-any-return]
+        ok, value = self._take(timeout)
+        if not ok:
+            raise value
+        self._current = iter(value)  # a chunk's result holds one value per item, never none
+        return next(self._current)  # type: ignore[no-any-return]
+
+    def _take(self, timeout: float | None) -> tuple[bool, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._refill()
+        with self._cond:
+            while True:
+                seq = self._next_seq if self._ordered else (self._order[0] if self._order else -1)
+                if seq in self._ready:
+                    ok, value, items = self._ready.pop(seq)
+                    if not self._ordered:
+                        self._order.popleft()
+                    self._next_seq += 1
+                    break
+                if self._input is None and self._next_seq >= self._seq:
+                    self._progress_close()
+                    raise StopIteration
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no result within {timeout} s")
+                self._cond.wait(remaining)
+        self._outstanding -= items  # only the caller's thread touches the count
+        return ok, value
+
+    def _refill(self) -> None:
+        """Read input and submit chunks while the window has room."""
+        tasks = []
+        while self._input is not None and self._outstanding < self._window:
+            size = self._chunk()
+            items = []
+            try:
+                for _ in range(size):
+                    items.append(next(self._input))
+            except StopIteration:
+                self._input = None
+            if not items:
+                break
+            tasks.append(_ChunkTask(self, self._fn, self._star, self._seq, self._start, items))
+            self._seq += 1
+            self._start += len(items)
+            self._outstanding += len(items)
+        if tasks:
+            self._engine.submit_many(tasks)
+
+    def _chunk(self) -> int:
+        if self._fixed is not None:
+            return self._fixed
+        if self._item_time <= 0:
+            return 1
+        return max(1, min(_MAX_CHUNK, int(_TARGET_CHUNK_S / self._item_time)))
+
+    def chunk_done(self, task: _ChunkTask, ok: bool, value: Any, seconds: float) -> None:
+        items = len(task.args)
+        self._item_time = seconds / items
+        if ok and self._progress is not None:
+            self._progress.update(items)
+        with self._cond:
+            self._ready[task.seq] = (ok, value, items)
+            if not self._ordered:
+                self._order.append(task.seq)
+            self._cond.notify()
+
+    def _progress_close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None

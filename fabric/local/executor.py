@@ -1,0 +1,162 @@
+"""Executor: a ``concurrent.futures.Executor`` on workers that survive crashes.
+
+It hands out real :class:`concurrent.futures.Future` objects, so ``wait``,
+``as_completed`` and ``asyncio``'s ``loop.run_in_executor`` work. Unlike
+``ProcessPoolExecutor``, a dead worker does not break the executor: only the
+task it was running is retried (``retries=1`` by default) and then fails with
+:class:`~fabric.errors.WorkerLostError`, which is *not* a ``BrokenProcessPool``
+because the executor stays usable. ``BrokenExecutor`` is raised only when a
+worker's initializer fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor as _Executor
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, ParamSpec, TypeVar
+
+from fabric.local import _pool_wire as wire
+from fabric.local._pool_engine import DEFAULT_RETRIES, Engine, Statistics, Task
+from fabric.local.pool import _start_method, default_processes
+
+__all__ = ["Executor"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _FutureTask(Task):
+    __slots__ = ("future",)
+
+    def __init__(
+        self, fn: Callable[..., Any], kind: int, args: Any, kwargs: Any, future: Future[Any]
+    ) -> None:
+        super().__init__(fn, kind, args, kwargs)
+        self.future = future
+
+    def claim(self) -> bool:
+        return self.future.set_running_or_notify_cancel()
+
+    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
+        # One state check, inside set_*: a cancelled future refuses the outcome.
+        try:
+            if ok:
+                self.future.set_result(value)
+            else:
+                self.future.set_exception(value)
+        except InvalidStateError:
+            pass
+
+
+class Executor(_Executor):
+    """Run calls on ``max_workers`` processes (default: the CPUs this process may use).
+
+    ``initializer(*initargs)`` runs once in each worker; ``max_tasks_per_child``
+    retires a worker after that many tasks; ``retries`` is how many times a task
+    whose worker died is run again; ``mp_context`` is a start method name
+    (``"fork"``, the default, or ``"spawn"``) or a context object.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: object = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        retries: int = DEFAULT_RETRIES,
+    ) -> None:
+        if max_workers is None:
+            max_workers = default_processes()
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None and (
+            not isinstance(max_tasks_per_child, int) or max_tasks_per_child < 1
+        ):
+            raise ValueError("max_tasks_per_child must be >= 1")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self._max_workers = max_workers
+        self._engine = Engine(
+            max_workers,
+            initializer,
+            tuple(initargs),
+            max_tasks_per_child,
+            retries,
+            _start_method(mp_context),
+        )
+        self._shutdown = False
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """Schedule ``fn(*args, **kwargs)`` and return its Future."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        future: Future[R] = Future()
+        self._engine.submit(_FutureTask(fn, wire.CALL, args, kwargs, future))
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[R]:
+        """Return an iterator of ``fn(*args)`` in input order, sending ``chunksize`` at a time.
+
+        As in ``concurrent.futures``, the input is read at once and ``timeout``
+        counts from this call; TimeoutError if a result is later than that.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        argtuples = zip(*iterables, strict=False)
+        futures: list[Future[list[R]]] = []
+        tasks = []
+        while chunk := list(itertools.islice(argtuples, chunksize)):
+            future: Future[list[R]] = Future()
+            futures.append(future)
+            tasks.append(_FutureTask(fn, wire.STAR, chunk, None, future))
+        self._engine.submit_many(tasks)
+        return _results(futures, timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; finish (or, with ``cancel_futures``, cancel) what is queued."""
+        self._shutdown = True
+        if cancel_futures:
+            self._engine.cancel_pending(_cancel)
+        self._engine.close()
+        if wait:
+            self._engine.join()
+
+    def statistics(self) -> Statistics:
+        """Return a snapshot of the executor's counters."""
+        return self._engine.statistics()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_shutdown", True):
+            warnings.warn(f"unclosed executor {self!r}", ResourceWarning, stacklevel=2)
+            self._engine.close()
+
+
+def _cancel(task: Task) -> bool:
+    return isinstance(task, _FutureTask) and task.future.cancel()
+
+
+def _results(futures: list[Future[list[R]]], timeout: float | None) -> Iterator[R]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for future in futures:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            yield from future.result(remaining)
+    finally:
+        for future in futures:
+            future.cancel()

@@ -1,0 +1,403 @@
+"""A client's connection to the broker: one I/O thread, any number of calling threads.
+
+Calling threads post messages and wait on their own events; the I/O thread owns
+the socket (ZeroMQ sockets are not thread-safe), wakes on a pipe when something
+is posted, and resolves what comes back. Everything that matters is kept until
+the broker acknowledges it and re-sent on every new session: SUBMITs until
+ACK, CALLs and CREATEs until REPLY (the host's reply cache makes a re-sent CALL
+harmless). RESULTs are handed to their task's callback once and DONE'd.
+
+A connection opened as role ``host`` also serves CREATE/CALL for the custom
+types this client registered, on a thread of its own, so a custom method that
+blocks (or calls other shared objects) never stalls the I/O thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+
+from fabric.broker.protocol import (
+    Ack,
+    Bye,
+    Call,
+    Cancel,
+    Create,
+    Done,
+    Gone,
+    Message,
+    Reject,
+    Reply,
+    Result,
+    Submit,
+    Welcome,
+)
+from fabric.errors import BrokerUnavailable, FabricError
+from fabric.remote._host import TICK, ObjectHost
+from fabric.remote._link import Link, LinkRefused, Runtime
+
+log = logging.getLogger(__name__)
+
+ResultCallback = Callable[[str, str, bytes], None]
+"""Called once per task, on the I/O thread, with (status, message, payload)."""
+
+
+@dataclass
+class _Pending:
+    message: Call | Create
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: Reply | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class _Task:
+    message: Submit
+    on_result: ResultCallback
+    acked: bool = False
+    resend_at: float = 0.0
+
+
+class Connection:
+    """A session with the broker shared by every thread of this client (thread-safe)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+        role: str = "client",
+        name: str = "",
+        host: ObjectHost | None = None,
+        runtime: Runtime | None = None,
+        timeout: float = 10.0,
+        reconnect_timeout: float = 60.0,
+    ) -> None:
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._link = Link(
+            self._context,
+            address,
+            role=role,
+            name=name,
+            curve=curve,
+            runtime=runtime,
+            on_welcome=self._resend,
+        )
+        self._reconnect_timeout = reconnect_timeout
+        self._lock = threading.Lock()
+        self._outbox: list[Message] = []
+        self._calls: dict[int, _Pending] = {}
+        self._tasks: dict[bytes, _Task] = {}
+        self._done: list[bytes] = []
+        self._seq = itertools.count(1)
+        self._wake_r, self._wake_w = os.pipe()
+        self._closing = False
+        self._fatal: Exception | None = None
+        self._welcomed = threading.Event()
+        self._lost_since: float | None = None
+        self._host = host
+        self._host_jobs: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name="fabric-io", daemon=True)]
+        if host is not None:
+            self._threads.append(
+                threading.Thread(target=self._serve, name="fabric-host", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+        if not self._welcomed.wait(timeout) or self._fatal is not None:
+            error = self._fatal or BrokerUnavailable(
+                f"no answer from a broker at {address} within {timeout} s"
+            )
+            self.close()
+            raise error
+
+    @property
+    def address(self) -> str:
+        """Return the broker address this connection talks to."""
+        return self._link.address
+
+    @property
+    def session(self) -> bytes:
+        """Return this client's 16-byte session id."""
+        return self._link.session
+
+    # --- calls from user threads ---------------------------------------------------------
+    def call(
+        self, host: str, obj_id: str, method: str, payload: bytes, wait: float | None
+    ) -> bytes:
+        """Send one CALL and return its reply payload (see ``Transport.call``)."""
+        seq = next(self._seq)
+        pending = self._post_call(
+            Call(host=host, call=seq, object=obj_id, method=method, payload=(payload,))
+        )
+        if wait is not None:
+            # Let the host's clock pass our deadline even where nothing else drives it.
+            # The host timed the call from when it got it, a little after we sent it,
+            # so keep nudging (less and less often) until the reply comes.
+            pause = wait
+            while not pending.done.wait(pause):
+                self._post_call(Call(host=host, call=next(self._seq), object=obj_id, method=TICK))
+                pause = min(max(pause, 0.005) * 2, 1.0)
+        return self._await(pending)
+
+    def create(self, host: str, typeid: str, name: str, payload: bytes) -> bytes:
+        """Send one CREATE and return its reply payload."""
+        seq = next(self._seq)
+        message = Create(host=host, call=seq, typeid=typeid, name=name, payload=(payload,))
+        return self._await(self._post_call(message))
+
+    def submit(
+        self,
+        task: bytes,
+        payload: bytes,
+        on_result: ResultCallback,
+        requires: dict[str, str] | None = None,
+    ) -> None:
+        """Submit a task; ``on_result`` runs once, on the I/O thread, when its result is in."""
+        message = Submit(task=task, requires=requires or {}, payload=(payload,))
+        with self._lock:
+            self._check_open()
+            self._tasks[task] = _Task(message, on_result)
+            self._outbox.append(message)
+        self._wake()
+
+    def cancel(self, task: bytes) -> None:
+        """Ask the broker to cancel a task (its RESULT says whether it was)."""
+        self._post(Cancel(task=task))
+
+    def close(self) -> None:
+        """Say BYE, stop the threads, close the socket. Idempotent."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        self._wake()
+        self._host_jobs.put(None)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(10)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._context.term()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing for user threads ---------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self._closing:
+            raise BrokerUnavailable(f"the connection to {self.address} is closed")
+
+    def _post_call(self, message: Call | Create) -> _Pending:
+        pending = _Pending(message)
+        with self._lock:
+            self._check_open()
+            self._calls[message.call] = pending
+            self._outbox.append(message)
+        self._wake()
+        return pending
+
+    def _post(self, message: Message) -> None:
+        with self._lock:
+            self._check_open()
+            self._outbox.append(message)
+        self._wake()
+
+    def _await(self, pending: _Pending) -> bytes:
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        reply = pending.reply
+        assert reply is not None
+        if reply.status in ("ok", "error"):
+            return bytes(reply.payload[0])
+        raise BrokerUnavailable(f"object call failed: {reply.status}: {reply.message}")
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # closed during shutdown
+            os.write(self._wake_w, b"\0")
+
+    # --- the I/O thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._link.open()
+            self._loop()
+        except LinkRefused as refused:
+            self._fail_all(refused.error)
+        except Exception as exc:  # a bug: fail every waiter loudly instead of hanging them
+            log.exception("fabric client I/O thread crashed")
+            self._fail_all(FabricError(f"the client I/O thread crashed: {exc!r}"))
+        finally:
+            if self._closing:
+                self._link.say_bye(Bye())
+            self._link.close_socket()
+            self._welcomed.set()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        registered: zmq.Socket[bytes] | None = None
+        while not self._closing:
+            if registered is not self._link.socket:
+                if registered is not None:
+                    poller.unregister(registered)
+                registered = self._link.socket
+                if registered is not None:
+                    poller.register(registered, zmq.POLLIN)
+            now = time.monotonic()
+            timeout = min(self._link.next_tick(now), self._next_resend(now) - now)
+            events = dict(poller.poll(max(0, int(timeout * 1000)) + 1))
+            if self._wake_r in events:
+                os.read(self._wake_r, 4096)
+            self._flush()
+            if registered is not None and registered in events:
+                for message in self._link.receive():
+                    self._dispatch(message)
+            now = time.monotonic()
+            self._link.tick(now)
+            self._check_lost(now)
+            self._resend_rejected(now)
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._link.ready:
+            return
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+            done, self._done = self._done, []
+        for message in outbox:
+            self._link.send(message)
+        if done:
+            self._link.send(Done(tasks=tuple(done)))
+
+    def _resend(self, welcome: Welcome) -> None:
+        """Re-send what the broker has not acknowledged, in order, on a new session."""
+        self._lost_since = None
+        self._welcomed.set()
+        with self._lock:
+            self._outbox = [
+                *(p.message for p in self._calls.values()),
+                *(t.message for t in self._tasks.values() if not t.acked),
+                *(m for m in self._outbox if not isinstance(m, Call | Create | Submit)),
+            ]
+
+    def _dispatch(self, message: Message) -> None:
+        if isinstance(message, Reply):
+            with self._lock:
+                pending = self._calls.pop(message.call, None)
+            if pending is not None:
+                pending.reply = message
+                pending.done.set()
+        elif isinstance(message, Result):
+            self._result(message)
+        elif isinstance(message, Ack):
+            task = self._tasks.get(message.task)
+            if task is not None:
+                task.acked = True
+        elif isinstance(message, Reject):
+            self._rejected(message)
+        elif isinstance(message, Create | Call | Gone) and self._host is not None:
+            self._host_jobs.put(message)
+        else:
+            log.debug("ignored %s from the broker", type(message).__name__)
+
+    def _result(self, message: Result) -> None:
+        with self._lock:
+            task = self._tasks.pop(message.task, None)
+            self._done.append(message.task)
+        if task is None:
+            return  # a result re-sent after a resume: already delivered, DONE it again
+        payload = bytes(message.payload[0]) if message.payload else b""
+        try:
+            task.on_result(message.status, message.message, payload)
+        except Exception:
+            log.exception("a result callback raised (task %s)", message.task.hex())
+
+    def _rejected(self, message: Reject) -> None:
+        task = self._tasks.get(message.task)
+        if task is None:
+            return
+        if message.code == "busy":
+            task.resend_at = time.monotonic() + max(message.retry_after, 0.01)
+            return
+        with self._lock:
+            self._tasks.pop(message.task, None)
+        if message.code != "duplicate":  # duplicate: its result was delivered already
+            task.on_result("rejected", f"{message.code}: {message.reason}", b"")
+
+    def _next_resend(self, now: float) -> float:
+        times = [t.resend_at for t in self._tasks.values() if t.resend_at]
+        return min(times, default=now + 3600.0)
+
+    def _resend_rejected(self, now: float) -> None:
+        for task in list(self._tasks.values()):
+            if task.resend_at and task.resend_at <= now:
+                task.resend_at = 0.0
+                self._link.send(task.message)
+
+    def _check_lost(self, now: float) -> None:
+        """Fail everything in flight once the broker has been gone for reconnect_timeout."""
+        if self._link.ready:
+            self._lost_since = None
+            return
+        if self._lost_since is None:
+            self._lost_since = now
+        elif now - self._lost_since > self._reconnect_timeout:
+            self._lost_since = now
+            self._fail_all(
+                BrokerUnavailable(
+                    f"the broker at {self.address} has been unreachable for "
+                    f"{self._reconnect_timeout:.0f} s"
+                ),
+                keep_open=True,
+            )
+
+    def _fail_all(self, error: Exception, keep_open: bool = False) -> None:
+        with self._lock:
+            if not keep_open:
+                self._fatal = error
+            calls, self._calls = self._calls, {}
+            tasks, self._tasks = self._tasks, {}
+            self._outbox = []
+        for pending in calls.values():
+            pending.error = error
+            pending.done.set()
+        for task in tasks.values():
+            task.on_result("unavailable", str(error), b"")
+        self._welcomed.set()
+
+    # --- the host thread (custom types registered by this client) ------------------------
+    def _serve(self) -> None:
+        assert self._host is not None
+        while (job := self._host_jobs.get()) is not None:
+            now = time.monotonic()
+            if isinstance(job, Gone):
+                replies = self._host.session_lost(job.session, now)
+            elif isinstance(job, Create):
+                payload = bytes(job.payload[0]) if job.payload else b""
+                replies = self._host.create(
+                    job.session, job.call, job.typeid, job.name, payload, now
+                )
+            else:
+                assert isinstance(job, Call)
+                payload = bytes(job.payload[0]) if job.payload else b""
+                replies = self._host.call(
+                    job.session, job.call, job.object, job.method, payload, now
+                )
+            for session, seq, ok, blob in replies:
+                status = "ok" if ok else "error"
+                self._post(Reply(call=seq, status=status, session=session, payload=(blob,)))

@@ -1,0 +1,88 @@
+"""The cluster a Manager starts when given no address: broker, object host, worker node.
+
+The broker runs on a thread of this process with the built-in object host in its
+loop; the worker node is a child process (``fabric worker``) with one task
+process per core. The node dies with this process (PR_SET_PDEATHSIG, passed
+down to its task processes), so nothing outlives the Manager.
+
+CURVE is on even here: without a key directory the cluster makes throw-away
+keys in memory and hands them to the node through its environment, never over
+the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from fabric.remote._keys import CURVE_ENV, Curve, encode_curve, load_curve
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedCluster:
+    """A loopback broker + built-in host + one local worker node."""
+
+    def __init__(self, *, processes: int | None = None, keys: str | Path | None = None) -> None:
+        from fabric.broker.keys import Keyring
+        from fabric.broker.server import Broker
+        from fabric.remote._service import BuiltinHostService
+
+        keyring: Keyring | str | Path
+        if keys is None:
+            keyring, peer = Keyring.ephemeral()
+            self.curve: Curve | None = (peer.public, peer.secret, peer.server)
+        else:
+            keyring, self.curve = keys, load_curve(keys, "client")
+        self._broker = Broker(
+            bind="tcp://127.0.0.1:0", keys=keyring, services=[BuiltinHostService()]
+        )
+        self._broker.start()
+        self.address: str = self._broker.address
+        self._keys = keys
+        self._node: subprocess.Popen[bytes] | None = None
+        try:
+            self._node = self._start_node(processes or os.cpu_count() or 1)
+        except BaseException:
+            self._broker.close()
+            raise
+
+    def _start_node(self, processes: int) -> subprocess.Popen[bytes]:
+        command = [
+            sys.executable,
+            "-m",
+            "fabric.remote.cli",
+            "worker",
+            self.address,
+            "--processes",
+            str(processes),
+            "--name",
+            f"embedded-{os.getpid()}",
+            "--parent",
+            str(os.getpid()),
+        ]
+        env = dict(os.environ)
+        if self._keys is not None:
+            command += ["--keys", str(self._keys)]
+        elif self.curve is not None:
+            env[CURVE_ENV] = encode_curve(self.curve)
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop the worker node (drain, then stop), then the broker."""
+        node, self._node = self._node, None
+        if node is not None:
+            for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+                if node.poll() is not None:
+                    break
+                node.send_signal(sig)
+                try:
+                    node.wait(grace)
+                except subprocess.TimeoutExpired:
+                    log.warning("embedded worker node %d did not stop on %s", node.pid, sig.name)
+            node.wait()
+        self._broker.close()

@@ -1,0 +1,159 @@
+"""The cluster executor: a concurrent.futures.Executor whose tasks run on worker nodes.
+
+Futures are real ``concurrent.futures.Future`` objects, so ``as_completed``,
+``wait`` and ``asyncio.wrap_future`` work. A future can be cancelled until its
+result arrives: a queued task is dropped by the broker, a running one is
+stopped on its node. Task ids are chosen here (16 random bytes), so re-sent
+SUBMITs are never queued twice.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import itertools
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from fabric.errors import BrokerUnavailable, FabricError, WorkerLostError
+from fabric.remote._connection import Connection
+from fabric.remote._errors import with_remote_traceback
+from fabric.remote._runner import Task, decode_outcome, encode_task
+
+T = TypeVar("T")
+
+
+def _run_chunk(fn: Callable[..., T], chunk: tuple[tuple[Any, ...], ...]) -> list[T]:
+    return [fn(*args) for args in chunk]
+
+
+def _batched(items: Iterable[T], n: int) -> Iterator[tuple[T, ...]]:
+    it = iter(items)
+    while batch := tuple(itertools.islice(it, n)):
+        yield batch
+
+
+class Executor(cf.Executor):
+    """Run calls on the cluster's worker nodes (see the module docstring).
+
+    ``forward_output=True`` prints each task's captured stdout/stderr here when
+    its result arrives. ``requires`` restricts tasks to workers with those labels.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        forward_output: bool = False,
+        requires: dict[str, str] | None = None,
+    ) -> None:
+        self._conn = connection
+        self._forward = forward_output
+        self._requires = dict(requires or {})
+        self._lock = threading.Lock()
+        self._pending: set[cf.Future[Any]] = set()
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
+        """Schedule ``fn(*args, **kwargs)`` on a worker node; return its Future."""
+        payload = encode_task(Task(fn, args, kwargs, self._forward))
+        return self._submit_payload(payload)
+
+    def _submit_payload(self, payload: bytes) -> cf.Future[Any]:
+        future: cf.Future[Any] = cf.Future()
+        task = os.urandom(16)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._pending.add(future)
+        future.add_done_callback(lambda f: self._settled(f, task))
+        try:
+            self._conn.submit(task, payload, lambda *r: self._resolve(future, *r), self._requires)
+        except BaseException:
+            future.cancel()
+            raise
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``; ``chunksize`` calls travel and run as one task."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = super().map(
+            lambda chunk: _run_chunk(fn, chunk),
+            _batched(zip(*iterables, strict=False), chunksize),
+            timeout=timeout,
+        )
+        return itertools.chain.from_iterable(chunks)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new tasks; optionally cancel the pending ones and wait for the rest."""
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending)
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if wait:
+            cf.wait(pending)
+
+    def _pending_futures(self) -> list[cf.Future[Any]]:
+        with self._lock:
+            return list(self._pending)
+
+    def statistics(self) -> dict[str, int]:
+        """Return how many futures this executor still waits for."""
+        with self._lock:
+            return {"pending": len(self._pending)}
+
+    # --- results ----------------------------------------------------------------------
+    def _settled(self, future: cf.Future[Any], task: bytes) -> None:
+        with self._lock:
+            self._pending.discard(future)
+        if future.cancelled():
+            # move CANCELLED to CANCELLED_AND_NOTIFIED, or as_completed()/wait() never see it
+            future.set_running_or_notify_cancel()
+            with contextlib.suppress(FabricError):  # a closed connection has nothing to cancel
+                self._conn.cancel(task)
+
+    def _resolve(self, future: cf.Future[Any], status: str, message: str, payload: bytes) -> None:
+        if future.done():
+            return  # cancelled here first
+        if status in ("ok", "error"):
+            outcome = decode_outcome(payload)
+            if self._forward:
+                sys.stdout.write(outcome.stdout)
+                sys.stderr.write(outcome.stderr)
+            if outcome.ok:
+                _set(future, result=outcome.value)
+            else:
+                exc, tb_text = outcome.value
+                _set(future, error=with_remote_traceback(exc, tb_text))
+        elif status == "cancelled":
+            future.cancel()
+        elif status in ("lost", "poisoned", "crashed"):
+            _set(future, error=WorkerLostError(message or f"task {status}"))
+        elif status == "unavailable":
+            _set(future, error=BrokerUnavailable(message))
+        else:
+            _set(future, error=FabricError(f"task {status}: {message}"))
+
+
+def _set(future: cf.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except cf.InvalidStateError:  # cancelled by the user in the meantime
+        pass

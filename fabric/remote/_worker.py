@@ -1,0 +1,285 @@
+"""The worker node: one supervisor process with a link to the broker and N task processes.
+
+Theory of operation. The supervisor (this module, one thread) owns the broker
+link and nothing else runs user code here: task processes are plain
+``python -m fabric.remote._taskproc`` children fed through pipes, so a task
+that hogs the GIL, blocks or crashes never stops the heartbeats.
+- Credit = free slots: HELLO announces the free slots, each RESULT hands one
+  back (``credit=1``). Nothing is prefetched.
+- A RESULT is kept until the broker ACKs it and re-sent on every new session,
+  so a broker restart or a network cut loses no result.
+- A task process that dies mid-task is reported at once as ``crashed`` (with
+  its signal or exit code) and replaced; the broker retries the task elsewhere.
+- CANCEL of a running task kills its process (SIGTERM, then SIGKILL after
+  ``grace``) and reports ``cancelled``.
+- SIGTERM (or ``drain()``) drains: results go back with no credit, tasks that
+  still arrive are not started, and once the running ones are done and ACKed
+  the node says BYE (the broker re-queues what it had not started) and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+import zmq
+
+from fabric.broker.protocol import Ack, Bye, Cancel, Dispatch, Result, Welcome
+from fabric.remote._link import Link, LinkRefused, Runtime
+from fabric.remote._pipes import read_frame, write_frame
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    proc: subprocess.Popen[bytes]
+    tasks: int  # write end: tasks to the process
+    results: int  # read end: results from it
+    task: tuple[bytes, int] | None = None
+    cancelled: bool = False
+
+
+def _signal_name(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class WorkerNode:
+    """Run tasks from the broker at ``address`` on ``processes`` task processes."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        processes: int | None = None,
+        name: str | None = None,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+        runtime: Runtime | None = None,
+        env: dict[str, str] | None = None,
+        grace: float = 5.0,
+    ) -> None:
+        if processes is not None and processes < 1:
+            raise ValueError("processes must be >= 1")
+        self.processes = processes or os.cpu_count() or 1
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self._env = {**os.environ, **(env or {})}
+        self._grace = grace
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._link = Link(
+            self._context,
+            address,
+            role="worker",
+            name=self.name,
+            curve=curve,
+            capacity=self._free,
+            runtime=runtime,
+            on_welcome=self._resend,
+        )
+        self._slots: list[_Slot] = []
+        self._unacked: dict[tuple[bytes, int], Result] = {}
+        self._draining = False
+        self._stop_now = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    # --- control ----------------------------------------------------------------------
+    def drain(self) -> None:
+        """Finish the running tasks, start no new ones, then leave (async-signal-safe).
+
+        A second call stops at once: running tasks are killed (the broker retries them).
+        """
+        self._stop_now = self._draining
+        self._draining = True
+        with contextlib.suppress(OSError):  # a full pipe already wakes the loop
+            os.write(self._wake_w, b"\0")
+
+    def install_signal_handlers(self) -> None:
+        """Drain on SIGTERM and SIGINT, stop at once on the second (call from the main thread)."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("worker node %s: %s, draining", self.name, signal.Signals(signum).name)
+            self.drain()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> int:
+        """Serve until drained; return the exit status (2 if the broker refused this node)."""
+        try:
+            self._slots = [self._spawn() for _ in range(self.processes)]
+            self._link.open()
+            self._loop()
+            return 0
+        except LinkRefused as refused:
+            log.error("worker node %s: %s", self.name, refused.error)
+            return 2
+        finally:
+            self._shutdown()
+
+    # --- the loop ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not (self._draining and self._idle()) and not self._stop_now:
+            poller = zmq.Poller()
+            poller.register(self._wake_r, zmq.POLLIN)
+            if self._link.socket is not None:
+                poller.register(self._link.socket, zmq.POLLIN)
+            for slot in self._slots:
+                poller.register(slot.results, zmq.POLLIN)
+            timeout = self._link.next_tick(time.monotonic())
+            events = dict(poller.poll(int(timeout * 1000) + 1))
+            if self._wake_r in events:
+                os.read(self._wake_r, 4096)
+            for slot in list(self._slots):
+                if slot.results in events:
+                    self._collect(slot)
+            if self._link.socket is not None and self._link.socket in events:
+                for message in self._link.receive():
+                    self._on_message(message)
+            self._link.tick(time.monotonic())
+        if self._link.ready and not self._stop_now:
+            self._link.say_bye(Bye())
+        log.info("worker node %s drained", self.name)
+
+    def _idle(self) -> bool:
+        return all(slot.task is None for slot in self._slots) and not self._unacked
+
+    def _free(self) -> int:
+        if self._draining:
+            return 0
+        return sum(slot.task is None for slot in self._slots)
+
+    def _on_message(self, message: object) -> None:
+        if isinstance(message, Dispatch):
+            self._start(message)
+        elif isinstance(message, Ack):
+            self._unacked.pop((message.task, message.attempt), None)
+        elif isinstance(message, Cancel):
+            self._cancel(message)
+
+    def _start(self, message: Dispatch) -> None:
+        if self._draining:
+            log.info("draining: not starting task %s (the broker re-queues it)", message.task.hex())
+            return
+        slot = next((s for s in self._slots if s.task is None), None)
+        if slot is None:  # the broker overdrew our credit: hand the task back
+            log.warning("no free slot for task %s", message.task.hex())
+            self._report(
+                Result(
+                    task=message.task,
+                    attempt=message.attempt,
+                    status="crashed",
+                    message="worker node had no free slot",
+                    credit=0,
+                )
+            )
+            return
+        slot.task, slot.cancelled = (message.task, message.attempt), False
+        with contextlib.suppress(OSError):  # a dead process: _collect reports its EOF
+            write_frame(slot.tasks, b"".join(bytes(frame) for frame in message.payload))
+
+    def _collect(self, slot: _Slot) -> None:
+        frame = read_frame(slot.results)
+        task = slot.task
+        if frame is not None:
+            slot.task = None
+            if task is not None:
+                status = "ok" if frame[:1] == b"\1" else "error"
+                self._finish(task, status, "", frame[1:])
+            return
+        returncode = self._reap(slot)
+        self._slots[self._slots.index(slot)] = self._spawn()
+        if task is not None:
+            if slot.cancelled:
+                self._finish(task, "cancelled", "cancelled while running", b"")
+            else:
+                why = f"task process {slot.proc.pid} on {self.name} {_signal_name(returncode)}"
+                log.warning("task %s: %s", task[0].hex(), why)
+                self._finish(task, "crashed", why, b"")
+
+    def _finish(self, task: tuple[bytes, int], status: str, why: str, payload: bytes) -> None:
+        credit = 0 if self._draining else 1
+        self._report(
+            Result(
+                task=task[0],
+                attempt=task[1],
+                status=status,
+                message=why,
+                credit=credit,
+                payload=(payload,) if payload else (),
+            )
+        )
+
+    def _report(self, result: Result) -> None:
+        self._unacked[(result.task, result.attempt)] = result
+        self._link.send(result)
+
+    def _cancel(self, message: Cancel) -> None:
+        for slot in self._slots:
+            if slot.task is not None and slot.task[0] == message.task:
+                slot.cancelled = True
+                slot.proc.terminate()
+
+    def _resend(self, welcome: Welcome) -> None:
+        for result in self._unacked.values():
+            self._link.send(result)
+
+    # --- task processes ---------------------------------------------------------------
+    def _spawn(self) -> _Slot:
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fabric.remote._taskproc",
+                str(task_r),
+                str(result_w),
+                str(os.getpid()),
+            ],
+            pass_fds=(task_r, result_w),
+            stdin=subprocess.DEVNULL,
+            env=self._env,
+        )
+        os.close(task_r)
+        os.close(result_w)
+        return _Slot(proc, task_w, result_r)
+
+    def _reap(self, slot: _Slot) -> int:
+        for fd in (slot.tasks, slot.results):
+            os.close(fd)
+        try:
+            return slot.proc.wait(self._grace)
+        except subprocess.TimeoutExpired:
+            slot.proc.kill()
+            return slot.proc.wait()
+
+    def _shutdown(self) -> None:
+        for slot in self._slots:
+            os.close(slot.tasks)  # EOF: an idle task process exits on its own
+            if slot.task is not None:
+                slot.proc.kill()
+        for slot in self._slots:
+            try:
+                slot.proc.wait(self._grace)
+            except subprocess.TimeoutExpired:
+                slot.proc.kill()
+                slot.proc.wait()
+            os.close(slot.results)
+        self._slots = []
+        self._link.close_socket()
+        self._context.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,294 @@
+"""fabric.local.Pool: the multiprocessing.Pool API, and what mp.Pool gets wrong."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from fabric.local import ExceptionProxy, Pool, RemoteTraceback
+from tests.local import _pool_helpers as h
+
+POOLS: dict[str, Callable[..., Any]] = {
+    "fabric": Pool,
+    "multiprocessing": multiprocessing.get_context("fork").Pool,
+}
+
+
+@pytest.fixture
+def gate() -> Iterator[h.Gate]:
+    g = h.Gate()
+    yield g
+    g.close()
+
+
+@pytest.fixture(params=sorted(POOLS))
+def any_pool(request: pytest.FixtureRequest, gate: h.Gate) -> Iterator[Any]:
+    """The same test body against fabric.local.Pool and multiprocessing.Pool.
+
+    Takes ``gate`` first so the workers, forked after it, inherit its pipe.
+    """
+    with POOLS[request.param](2) as pool:
+        yield pool
+        pool.close()
+        pool.join()
+
+
+@pytest.fixture
+def pool(gate: h.Gate) -> Iterator[Pool]:
+    with Pool(2) as p:
+        yield p
+
+
+# -- parity with multiprocessing.Pool ---------------------------------------------
+
+
+def test_apply_and_maps_match(any_pool: Any) -> None:
+    assert any_pool.apply(h.square, (7,)) == 49
+    assert any_pool.apply(h.add, (1,), {"b": 2}) == 3
+    assert any_pool.map(h.square, range(50)) == [x * x for x in range(50)]
+    assert any_pool.map(h.square, range(50), 7) == [x * x for x in range(50)]
+    assert any_pool.map(h.square, []) == []
+    assert any_pool.starmap(h.add, [(1, 2), (3, 4)]) == [3, 7]
+    assert list(any_pool.imap(h.square, range(30), 4)) == [x * x for x in range(30)]
+    assert sorted(any_pool.imap_unordered(h.square, range(30))) == [x * x for x in range(30)]
+    assert any_pool.map_async(h.square, range(5)).get(timeout=30) == [0, 1, 4, 9, 16]
+    assert any_pool.starmap_async(h.add, [(1, 1)]).get(timeout=30) == [2]
+
+
+def test_async_result_states(any_pool: Any, gate: h.Gate) -> None:
+    result = any_pool.apply_async(h.pass_gate, (gate.read_fd,))
+    assert not result.ready()
+    with pytest.raises(ValueError):
+        result.successful()
+    result.wait(0.01)
+    assert not result.ready()
+    gate.open(1)
+    assert result.get(timeout=30) == "passed"
+    assert result.ready() and result.successful()
+    failed = any_pool.apply_async(h.fail, ("boom",))
+    failed.wait(30)
+    assert failed.ready() and not failed.successful()
+    with pytest.raises(ValueError, match="boom"):
+        failed.get()
+
+
+def test_callbacks_run_before_get_returns(any_pool: Any) -> None:
+    seen: list[object] = []
+    assert any_pool.apply_async(h.square, (3,), callback=seen.append).get(30) == 9
+    with pytest.raises(ValueError):
+        any_pool.apply_async(h.fail, ("x",), error_callback=seen.append).get(30)
+    assert any_pool.map_async(h.square, [1, 2], callback=seen.append).get(30) == [1, 4]
+    assert seen[0] == 9 and isinstance(seen[1], ValueError) and seen[2] == [1, 4]
+
+
+def test_map_raises_first_error(any_pool: Any) -> None:
+    with pytest.raises(ValueError, match="bad item 3"):
+        any_pool.map(h.fail_on_three, range(10), 1)
+
+
+def test_closed_pool_refuses_work_and_join_needs_close(any_pool: Any) -> None:
+    with pytest.raises(ValueError):
+        any_pool.join()
+    any_pool.close()
+    with pytest.raises(ValueError):
+        any_pool.apply_async(h.square, (1,))
+    any_pool.join()
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        Pool(0)
+    with pytest.raises(TypeError):
+        Pool(1, initializer=42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Pool(1, maxtasksperchild=0)
+
+
+# -- what fabric adds --------------------------------------------------------------
+
+
+def test_get_timeout_raises_timeout_error(pool: Pool, gate: h.Gate) -> None:
+    result = pool.apply_async(h.pass_gate, (gate.read_fd,))
+    with pytest.raises(TimeoutError):
+        result.get(timeout=0.05)
+    gate.open(1)
+    assert result.get(30) == "passed"
+
+
+def test_lambdas_and_closures_travel(pool: Pool) -> None:
+    offset = 10
+    assert pool.apply(lambda: offset + 1) == 11
+    assert pool.map(lambda x: x + offset, [1, 2]) == [11, 12]
+    assert list(pool.imap_unordered(lambda x: -x, [5])) == [-5]
+
+
+def test_exception_carries_worker_traceback(pool: Pool) -> None:
+    with pytest.raises(ValueError, match="boom") as info:
+        pool.apply(h.fail, ("boom",))
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "in fail" in cause.tb and "ValueError: boom" in cause.tb
+
+
+def test_exception_that_does_not_unpickle_arrives_as_proxy(pool: Pool) -> None:
+    with pytest.raises(ExceptionProxy) as info:
+        pool.apply(h.raise_two_arg_error)
+    assert info.value.type_name.endswith("TwoArgError")
+    assert "1 and 2" in info.value.message
+    assert "raise_two_arg_error" in info.value.traceback
+
+
+def test_exception_that_does_not_pickle_arrives_as_proxy(pool: Pool) -> None:
+    with pytest.raises(ExceptionProxy, match="LockError: holds a lock"):
+        pool.apply(h.raise_lock_error)
+
+
+def test_unpicklable_result_and_argument_fail_only_their_task(pool: Pool) -> None:
+    with pytest.raises(TypeError, match="pickle"):
+        pool.apply(h.return_lock)
+    bad = pool.apply_async(h.square, (threading.Lock(),))
+    good = pool.apply_async(h.square, (4,))
+    with pytest.raises(TypeError, match="pickle"):
+        bad.get(30)
+    assert good.get(30) == 16
+
+
+def test_initializer_runs_in_each_worker() -> None:
+    with Pool(2, initializer=h.set_tag, initargs=("ready",)) as pool:
+        assert set(pool.map(h.get_tag, range(20), 1)) == {"ready"}
+
+
+def test_failing_initializer_breaks_the_pool_without_hanging() -> None:
+    from concurrent.futures import BrokenExecutor
+
+    with Pool(1, initializer=h.fail, initargs=("init boom",)) as pool:
+        # Raised by apply_async once the pool knows it is broken, by get() before.
+        with pytest.raises(BrokenExecutor, match="initializer") as info:
+            pool.apply_async(h.square, (2,)).get(30)
+        assert isinstance(info.value.__cause__, ValueError)
+        with pytest.raises(BrokenExecutor):
+            pool.apply(h.square, (2,))
+
+
+def test_maxtasksperchild_replaces_workers() -> None:
+    with Pool(2, maxtasksperchild=2) as pool:
+        pids = [pool.apply_async(os.getpid).get(30) for _ in range(10)]
+        assert max(pids.count(pid) for pid in set(pids)) <= 2
+        assert len(set(pids)) >= 5
+        assert pool.map(h.square, range(40)) == [x * x for x in range(40)]
+
+
+def test_imap_reads_input_lazily(pool: Pool) -> None:
+    pulled = []
+
+    def source() -> Iterator[int]:
+        for i in range(1_000_000):
+            pulled.append(i)
+            yield i
+
+    results = pool.imap(h.square, source())
+    assert [next(results) for _ in range(5)] == [0, 1, 4, 9, 16]
+    assert len(pulled) < 10_000  # the window, not the million
+    pool.terminate()
+
+
+def test_imap_error_in_place_then_continues(pool: Pool) -> None:
+    results = pool.imap(h.fail_on_three, range(6), 1)
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="bad item 3"):
+        next(results)
+    assert list(results) == [4, 5]
+
+
+def test_imap_next_timeout(pool: Pool, gate: h.Gate) -> None:
+    results = pool.imap(h.pass_gate, [gate.read_fd])
+    with pytest.raises(TimeoutError):
+        results.next(timeout=0.05)
+    gate.open(1)
+    assert results.next(timeout=30) == "passed"
+
+
+def test_terminate_fails_unfinished_results(gate: h.Gate) -> None:
+    from fabric.local._pool_engine import TerminatedError
+
+    pool = Pool(1)
+    running = pool.apply_async(h.pass_gate, (gate.read_fd,))
+    queued = pool.apply_async(h.square, (2,))
+    pool.terminate()
+    for result in (running, queued):
+        with pytest.raises(TerminatedError):
+            result.get(30)
+    pool.join()
+    assert pool.statistics().workers == 0
+
+
+def test_close_finishes_queued_work() -> None:
+    pool = Pool(2)
+    results = [pool.apply_async(h.square, (i,)) for i in range(100)]
+    pool.close()
+    pool.join(30)
+    assert [r.get(0) for r in results] == [i * i for i in range(100)]
+
+
+def test_spawn_start_method() -> None:
+    with Pool(1, context="spawn") as pool:
+        assert pool.map(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]
+        assert pool.apply(os.getppid) == os.getpid()
+
+
+def test_statistics_counts(pool: Pool) -> None:
+    pool.map(h.square, range(10), 1)
+    stats = pool.statistics()
+    assert stats.workers == 2 and stats.done == 10 and stats.failed == 0 and stats.pending == 0
+
+
+def test_progress_bar_only_when_forced_off_a_terminal(
+    pool: Pool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tqdm")
+    assert pool.map(h.square, range(8), progress=True) == [x * x for x in range(8)]
+    assert "8/8" not in capsys.readouterr().err
+    assert pool.map(h.square, range(8), progress="force") == [x * x for x in range(8)]
+    assert "8/8" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        pool.map(h.square, range(8), progress="sometimes")  # type: ignore[arg-type]
+
+
+def test_result_that_does_not_unpickle_fails_only_its_task(pool: Pool) -> None:
+    with pytest.raises(ExceptionProxy, match="could not be unpickled"):
+        pool.apply(h.return_bad_reduce)
+    assert pool.apply(h.square, (5,)) == 25
+
+
+def test_join_timeout_while_a_task_runs(gate: h.Gate) -> None:
+    pool = Pool(1)
+    result = pool.apply_async(h.enter_gate, (gate.started_w, gate.read_fd))
+    gate.wait_started(1)
+    pool.close()
+    with pytest.raises(TimeoutError):
+        pool.join(0.05)
+    gate.open(1)
+    pool.join(30)
+    assert result.get(0) == "passed"
+
+
+def test_unclosed_pool_warns_when_collected() -> None:
+    import gc
+
+    pool = Pool(1)
+    engine = pool._engine
+    with pytest.warns(ResourceWarning, match="unclosed running pool"):
+        del pool
+        gc.collect()
+    assert engine.join(30)
+
+
+def test_imap_progress_bar_forced(pool: Pool, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    assert list(pool.imap(h.square, range(6), progress="force")) == [x * x for x in range(6)]
+    assert "6/6" in capsys.readouterr().err

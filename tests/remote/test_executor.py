@@ -1,0 +1,99 @@
+"""The cluster executor: a real concurrent.futures.Executor over worker node processes."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import sys
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from fabric.remote import RemoteTraceback
+from tests.remote.conftest import Cluster
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def fails(x: int) -> None:
+    raise KeyError(f"no {x}")
+
+
+def wait_for(event: Any) -> str:
+    assert event.wait(60)
+    return "released"
+
+
+def chatty(x: int) -> int:
+    print(f"out {x}")
+    print(f"err {x}", file=sys.stderr)
+    return x
+
+
+def test_submit_map_and_as_completed(cluster: Cluster) -> None:
+    cluster.node(processes=2)
+    with cluster.manager().Executor() as ex:
+        assert isinstance(ex, cf.Executor)
+        futures = [ex.submit(pow, 2, i) for i in range(8)]
+        assert all(type(f) is cf.Future for f in futures)
+        assert sorted(f.result() for f in cf.as_completed(futures, timeout=60)) == [
+            2**i for i in range(8)
+        ]
+        done, not_done = cf.wait(futures, timeout=60)
+        assert len(done) == 8 and not not_done
+        assert list(ex.map(abs, range(-20, 0), timeout=60)) == list(range(20, 0, -1))
+        assert list(ex.map(pow, range(30), [2] * 30, chunksize=7)) == [i**2 for i in range(30)]
+        assert ex.submit(lambda x=3: x * 2).result(60) == 6
+
+
+def test_exceptions_carry_the_remote_traceback(cluster: Cluster) -> None:
+    cluster.node()
+    ex = cluster.manager().Executor()
+    with pytest.raises(KeyError, match="no 7") as caught:
+        ex.submit(fails, 7).result(timeout=60)
+    cause = caught.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "in fails" in str(cause) and "Traceback (most recent call last)" in str(cause)
+    with pytest.raises(KeyError):
+        list(ex.map(fails, [1], timeout=60))
+
+
+def test_output_is_forwarded_only_when_asked(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.node()
+    mgr = cluster.manager()
+    assert mgr.Executor().submit(chatty, 1).result(60) == 1
+    assert "out 1" not in capsys.readouterr().out
+    assert mgr.Executor(forward_output=True).submit(chatty, 2).result(60) == 2
+    captured = capsys.readouterr()
+    assert "out 2" in captured.out and "err 2" in captured.err
+
+
+def test_shutdown_cancels_pending_futures(cluster: Cluster) -> None:
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    gate = mgr.Event()
+    ex = mgr.Executor()
+    running = ex.submit(wait_for, gate)
+    queued = [ex.submit(abs, -i) for i in range(3)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(abs, 1)
+    assert all(f.cancelled() for f in queued)
+    assert running.cancelled()  # a running task is stopped on its node too
+    done, _ = cf.wait([running, *queued], timeout=10)
+    assert len(done) == 4
+    # the node is free again: its task process was replaced
+    assert mgr.Executor().submit(abs, -5).result(timeout=60) == 5
+
+
+def test_map_timeout_raises(cluster: Cluster) -> None:
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    gate = mgr.Event()
+    ex = mgr.Executor()
+    with pytest.raises(TimeoutError):
+        list(ex.map(wait_for, [gate], timeout=0.2))
+    gate.set()
+    ex.shutdown(wait=True)

@@ -1,0 +1,143 @@
+"""Manager on real processes: embedded cluster, shared objects across clients and tasks."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from fabric.remote import Manager, OwnerLostWarning
+from tests.remote.conftest import Cluster
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def square_into(d: Any, i: int) -> int:
+    d[i] = i * i
+    return os.getpid()
+
+
+def test_embedded_manager_runs_tasks_and_shares_a_dict() -> None:
+    with Manager(processes=2) as mgr:
+        assert mgr.address is not None and mgr.address.startswith("tcp://127.0.0.1:")
+        results = mgr.dict("results")
+        pids = list(mgr.Executor().map(square_into, [results] * 6, range(6), timeout=60))
+        assert results.copy() == {i: i * i for i in range(6)}
+        assert os.getpid() not in pids
+    assert mgr.address is None  # shut down: the autouse fixture checks no process is left
+
+
+def test_named_objects_are_shared_by_clients(cluster: Cluster) -> None:
+    first, second = cluster.manager(), cluster.manager()
+    first.dict("scores")["alice"] = 3
+    assert second.dict("scores")["alice"] == 3
+    anonymous = first.dict()
+    assert anonymous is not second.dict("scores") and len(anonymous) == 0
+    q1, q2 = first.Queue(name="jobs"), second.Queue(name="jobs")
+    q1.put({"job": 1})
+    assert q2.get(timeout=5) == {"job": 1}
+    items = second.list("items", [1, 2])
+    first.list("items").append(3)
+    assert items.copy() == [1, 2, 3]
+    lock_a, lock_b = first.Lock(name="L"), second.Lock(name="L")
+    with lock_a:
+        assert not lock_b.acquire(timeout=0.1)
+    assert lock_b.acquire(timeout=5)
+    lock_b.release()
+
+
+def consume(q: Any, done: Any) -> list[Any]:
+    got = [q.get(timeout=30) for _ in range(3)]
+    done.set()
+    return got
+
+
+def test_proxies_travel_to_tasks_on_worker_nodes(cluster: Cluster) -> None:
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    q, done = mgr.Queue(), mgr.Event()
+    future = mgr.Executor().submit(consume, q, done)
+    for item in ("a", ("b",), {"c": 3}):
+        q.put(item)
+    assert done.wait(30)
+    assert future.result(timeout=30) == ["a", ("b",), {"c": 3}]
+
+
+class Counter:
+    def __init__(self, start: int = 0) -> None:
+        self.value = start
+
+    def bump(self, by: int = 1) -> int:
+        self.value += by
+        return self.value
+
+    def spawn(self) -> Counter:
+        return Counter(100)
+
+
+def bump_twice(counter: Any) -> int:
+    counter.bump()
+    return int(counter.bump())
+
+
+def test_a_registered_type_is_hosted_by_its_client(cluster: Cluster) -> None:
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    mgr.register("Counter", Counter, method_to_typeid={"spawn": "Counter"})
+    counter = mgr.Counter(5)  # type: ignore[attr-defined]
+    assert counter.bump() == 6
+    assert mgr.Executor().submit(bump_twice, counter).result(timeout=60) == 8
+    child = counter.spawn()
+    assert child.bump(2) == 102
+    with pytest.raises(AttributeError):
+        counter.value  # noqa: B018 - attributes are not exposed, only methods
+    other = cluster.manager()
+    other.dict("shared")["counter"] = counter
+    assert other.dict("shared")["counter"].bump() == 9
+
+
+HOLD_LOCK = """
+import sys
+from fabric.remote import Manager
+mgr = Manager(sys.argv[2], keys=sys.argv[1]).connect()
+lock = mgr.Lock(name="lease")
+assert lock.acquire(timeout=10)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_dead_clients_lock_is_released_and_the_next_holder_told(
+    cluster: Cluster, run_client: Any
+) -> None:
+    holder = run_client(HOLD_LOCK, cluster.address)
+    assert holder.stdout.readline() == "held\n"
+    lock = cluster.manager().Lock(name="lease")
+    assert not lock.acquire(timeout=0.1)
+    holder.kill()
+    holder.wait()
+    with pytest.warns(OwnerLostWarning):
+        assert lock.acquire(timeout=30)
+    assert lock.owner_lost
+    lock.release()
+
+
+def test_threads_share_one_connection(cluster: Cluster) -> None:
+    mgr = cluster.manager()
+    counter, lock = mgr.Value("i", 0), mgr.Lock()
+
+    def add() -> None:
+        for _ in range(20):
+            with lock:
+                counter.value += 1
+
+    threads = [threading.Thread(target=add) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert counter.value == 80

@@ -1,0 +1,95 @@
+"""Worker nodes under faults: kill -9 mid-task, SIGTERM drain, broker restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from fabric.remote import Manager
+from tests.remote.conftest import Cluster, start_broker
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def record_then_wait(nodes: Any, started: Any, go: Any) -> int:
+    nodes.append(os.getppid())  # the worker node is the task process's parent
+    started.set()
+    assert go.wait(60)
+    return os.getppid()
+
+
+def test_a_task_on_a_killed_node_is_retried_on_another(cluster: Cluster) -> None:
+    first = cluster.node(name="first")
+    mgr = cluster.manager()
+    nodes, started, go = mgr.list(), mgr.Event(), mgr.Event()
+    future = mgr.Executor().submit(record_then_wait, nodes, started, go)
+    assert started.wait(60)
+    assert nodes[0] == first.pid
+    cluster.node(name="second")
+    first.kill()
+    first.wait()
+    go.set()
+    second_pid = future.result(timeout=60)
+    assert second_pid != first.pid and nodes.copy() == [first.pid, second_pid]
+
+
+def slow_square(gate: Any, x: int) -> int:
+    assert gate.wait(60)
+    return x * x
+
+
+def test_map_completes_when_a_node_dies_mid_map(cluster: Cluster) -> None:
+    doomed = cluster.node(processes=2, name="doomed")
+    cluster.node(processes=1, name="survivor")
+    mgr = cluster.manager()
+    gate = mgr.Event()
+    results = mgr.Executor().map(slow_square, [gate] * 12, range(12), timeout=120)
+    doomed.kill()
+    doomed.wait()
+    gate.set()
+    assert list(results) == [x * x for x in range(12)]
+
+
+def test_sigterm_drains_the_node(cluster: Cluster) -> None:
+    node = cluster.node(processes=1, name="draining")
+    mgr = cluster.manager()
+    nodes, started, go = mgr.list(), mgr.Event(), mgr.Event()
+    ex = mgr.Executor()
+    running = ex.submit(record_then_wait, nodes, started, go)
+    assert started.wait(60)
+    node.send_signal(signal.SIGTERM)
+    later = ex.submit(abs, -3)  # must not start on the draining node
+    go.set()
+    assert running.result(timeout=60) == node.pid  # the running task finished
+    assert node.wait(60) == 0
+    cluster.node(processes=1, name="fresh")
+    assert later.result(timeout=60) == 3
+
+
+def test_nodes_and_clients_rejoin_a_restarted_broker(cluster: Cluster, keydir: Path) -> None:
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    ex = mgr.Executor()
+    assert ex.submit(abs, -1).result(timeout=60) == 1
+    address = cluster.address
+    cluster.broker.close()
+    cluster.broker = start_broker(keydir, bind=address)
+    # the same node and the same client session carry on without user action
+    assert ex.submit(abs, -2).result(timeout=60) == 2
+    after = mgr.dict("after")
+    after["x"] = 1
+    assert after["x"] == 1
+
+
+def test_a_killed_task_process_is_replaced(cluster: Cluster) -> None:
+    cluster.node(processes=1)
+    with Manager(cluster.address, keys=cluster.keys) as mgr:
+        ex = mgr.Executor()
+        pid = ex.submit(os.getpid).result(timeout=60)
+        os.kill(pid, signal.SIGKILL)
+        assert ex.submit(os.getpid).result(timeout=60) != pid
