@@ -54,6 +54,11 @@ class JobRun:
             if len(words) == 3 and words[0] == "result":
                 return int(words[1]), words[2]
 
+    def explain(self) -> str:
+        """What the job said besides its result lines, then its last lines."""
+        said = [line for line in self.lines if not line.startswith("result ")]
+        return "\n".join([*said[-40:], "... last lines:", *self.lines[-5:]])
+
     def finish(self, timeout: float) -> tuple[int, Summary]:
         """Read to the end; return the exit status and the summary line."""
         while (line := self._reader.get(timeout)) != "":

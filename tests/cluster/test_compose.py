@@ -59,7 +59,7 @@ def test_job_survives_a_killed_worker_container(
     status, summary = run.finish(timeout=300)
     with capsys.disabled():
         print("\n" + summary.line(f"worker container {node} killed"))
-    assert status == 0
+    assert status == 0, run.explain()
     assert summary == jobs.Summary(60, 60, 0, 0, 0)
 
 
@@ -80,7 +80,7 @@ def test_disconnected_worker_rejoins_and_takes_work(
     nodes = {line.split()[2] for line in run.lines if line.startswith("result ")}
     with capsys.disabled():
         print("\n" + summary.line(f"worker {node} disconnected, reconnected"))
-    assert status == 0
+    assert status == 0, run.explain()
     assert summary == jobs.Summary(60, 60, 0, 0, 0)
     assert node in nodes
 
@@ -99,5 +99,5 @@ def test_restarted_broker_loses_no_accepted_task(
     status, summary = run.finish(timeout=300)
     with capsys.disabled():
         print("\n" + summary.line("broker container killed and restarted"))
-    assert status == 0
+    assert status == 0, run.explain()
     assert summary == jobs.Summary(80, 80, 0, 0, 0)

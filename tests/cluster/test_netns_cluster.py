@@ -66,6 +66,13 @@ class FabricLab:
         )  # fmt: skip
         return jobs.JobRun(proc)
 
+    def explain(self, run: jobs.JobRun) -> str:
+        """The end of the job's output and of every log, for a failure message."""
+        parts = ["job stdout:", run.explain()]
+        for log in sorted(self.lab.logdir.glob("*.log")):
+            parts += [f"--- {log.name}:", *log.read_text().splitlines()[-20:]]
+        return "\n".join(parts)
+
     def workers(self) -> set[str]:
         """The worker nodes the broker lists now (``fabric status``, from the client host)."""
         proc = self.lab.run(
@@ -108,7 +115,7 @@ def test_worker_host_loses_its_link_mid_task(
     fabric_lab.lab.link_up("w1")  # its late results must now be fenced off
     status, summary = run.finish(timeout=240)
     _report(capsys, summary.line("worker host w1 lost its link mid-task"))
-    assert status == 0
+    assert status == 0, fabric_lab.explain(run)
     assert summary == jobs.Summary(40, 40, 0, 0, 0)
 
 
@@ -119,11 +126,12 @@ def test_lossy_slow_network_for_a_whole_run(
         fabric_lab.lab.impair(host, loss=0.1, delay=0.05)
     _start(fabric_lab)
     dropped = fabric_lab.lab.switch_stats()["dropped"]
-    status, summary = fabric_lab.job("--tasks", "30").finish(timeout=240)
+    run = fabric_lab.job("--tasks", "30")
+    status, summary = run.finish(timeout=240)
     dropped = fabric_lab.lab.switch_stats()["dropped"] - dropped
     _report(capsys, summary.line(f"10% loss, 50 ms delay ({dropped} frames dropped in the run)"))
     assert dropped > 0
-    assert status == 0
+    assert status == 0, fabric_lab.explain(run)
     assert summary == jobs.Summary(30, 30, 0, 0, 0)
 
 
@@ -141,5 +149,5 @@ def test_broker_host_killed_and_restarted_with_its_journal(
     fabric_lab.start_broker()
     status, summary = run.finish(timeout=240)
     _report(capsys, summary.line("broker killed (SIGKILL) and restarted with its journal"))
-    assert status == 0
+    assert status == 0, fabric_lab.explain(run)
     assert summary == jobs.Summary(60, 60, 0, 0, 0)
