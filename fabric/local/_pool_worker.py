@@ -49,12 +49,21 @@ class WorkerConfig:
         self.sys_path = sys_path
 
 
-def _die_with_parent(parent: int) -> None:
+def _find_prctl() -> Callable[..., int] | None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux: the task pipe's EOF still ends us
-        pass
+        return None
+
+
+# Looked up once, in the parent: a forked child must not dlopen (another
+# thread of the parent may have held the loader's lock at fork time).
+_prctl = _find_prctl()
+
+
+def _die_with_parent(parent: int) -> None:
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from fabric.local import _pool_wire as wire
-from fabric.local._pool_engine import Engine, Task
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import Task, TerminatedError
 
 __all__ = ["AsyncResult", "CallTask", "IMapIterator", "MapResult", "chunk_bounds"]
 
@@ -246,6 +248,9 @@ class IMapIterator(Iterator[T], _ChunkSink):
         self._order: collections.deque[int] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
         self._current: Iterator[Any] = iter(())
+        self._feeding = threading.Lock()  # the caller and Pool.close() may both feed
+        self._input_error: Exception | None = None
+        self._cut_short = False  # the pool stopped before all input was sent
         self._refill()
 
     def __iter__(self) -> IMapIterator[T]:
@@ -278,6 +283,8 @@ class IMapIterator(Iterator[T], _ChunkSink):
                     break
                 if self._input is None and self._next_seq >= self._seq:
                     self._progress_close()
+                    if self._cut_short:
+                        raise TerminatedError("the pool was terminated before all input was sent")
                     raise StopIteration
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -286,25 +293,47 @@ class IMapIterator(Iterator[T], _ChunkSink):
         self._outstanding -= items  # only the caller's thread touches the count
         return ok, value
 
-    def _refill(self) -> None:
-        """Read input and submit chunks while the window has room."""
-        tasks = []
-        while self._input is not None and self._outstanding < self._window:
-            size = self._chunk()
-            items = []
-            try:
-                for _ in range(size):
-                    items.append(next(self._input))
-            except StopIteration:
-                self._input = None
-            if not items:
-                break
-            tasks.append(_ChunkTask(self, self._fn, self._star, self._seq, self._start, items))
-            self._seq += 1
-            self._start += len(items)
-            self._outstanding += len(items)
-        if tasks:
-            self._engine.submit_many(tasks)
+    def _refill(self, window: float | None = None) -> None:
+        """Read input and submit chunks while fewer than ``window`` items are out."""
+        with self._feeding:
+            if self._input is not None and not self._engine.accepting:
+                self._input, self._cut_short = None, True
+            tasks = []
+            limit = self._window if window is None else window
+            while self._input is not None and self._outstanding < limit:
+                items = self._read(self._chunk())
+                if items:
+                    task = _ChunkTask(self, self._fn, self._star, self._seq, self._start, items)
+                    tasks.append(task)
+                    self._seq += 1
+                    self._start += len(items)
+                    self._outstanding += len(items)
+            if self._input_error is not None:
+                with self._cond:
+                    self._ready[self._seq] = (False, self._input_error, 0)
+                    self._order.append(self._seq)
+                    self._cond.notify()
+                self._seq += 1
+                self._input_error = None
+            if tasks:
+                self._engine.submit_many(tasks)
+
+    def _read(self, size: int) -> list[Any]:
+        items: list[Any] = []
+        assert self._input is not None
+        try:
+            for _ in range(size):
+                items.append(next(self._input))
+        except StopIteration:
+            self._input = None
+        except Exception as exc:  # raised in its place, after the items read before it
+            self._input = None
+            self._input_error = exc
+        return items
+
+    def submit_rest(self) -> None:
+        """Read and submit all the remaining input now (the pool is closing)."""
+        self._refill(math.inf)
 
     def _chunk(self) -> int:
         if self._fixed is not None:

@@ -20,7 +20,8 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, ParamSpec, TypeVar
 
 from fabric.local import _pool_wire as wire
-from fabric.local._pool_engine import DEFAULT_RETRIES, Engine, Statistics, Task
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import DEFAULT_RETRIES, Statistics, Task
 from fabric.local.pool import _start_method, default_processes
 
 __all__ = ["Executor"]
@@ -136,6 +137,15 @@ class Executor(_Executor):
         self._engine.close()
         if wait:
             self._engine.join()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        # Ctrl-C inside the block: do not wait for running tasks, stop the workers.
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._shutdown = True
+            self._engine.terminate()
+            self._engine.join()
+        else:
+            self.shutdown(wait=True)
 
     def statistics(self) -> Statistics:
         """Return a snapshot of the executor's counters."""

@@ -139,7 +139,7 @@ class Connection:
         pending = self._post_call(
             Call(host=host, call=seq, object=obj_id, method=method, payload=(payload,))
         )
-        if wait is not None:
+        if wait is not None and wait > 0:  # 0: the host answers at once, parked or not
             # Let the host's clock pass our deadline even where nothing else drives it.
             # The host timed the call from when it got it, a little after we sent it,
             # so keep nudging (less and less often) until the reply comes.

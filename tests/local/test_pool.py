@@ -214,7 +214,7 @@ def test_imap_next_timeout(pool: Pool, gate: h.Gate) -> None:
 
 
 def test_terminate_fails_unfinished_results(gate: h.Gate) -> None:
-    from fabric.local._pool_engine import TerminatedError
+    from fabric.local.pool import TerminatedError
 
     pool = Pool(1)
     running = pool.apply_async(h.pass_gate, (gate.read_fd,))
@@ -292,3 +292,46 @@ def test_imap_progress_bar_forced(pool: Pool, capsys: pytest.CaptureFixture[str]
     pytest.importorskip("tqdm")
     assert list(pool.imap(h.square, range(6), progress="force")) == [x * x for x in range(6)]
     assert "6/6" in capsys.readouterr().err
+
+
+def test_workers_that_cannot_start_break_the_pool() -> None:
+    from concurrent.futures import BrokenExecutor
+
+    with (
+        Pool(1, initializer=os._exit, initargs=(3,)) as pool,
+        pytest.raises(BrokenExecutor, match=r"died before they were ready.*code 3"),
+    ):
+        pool.apply(h.square, (2,))
+
+
+def test_imap_results_all_arrive_after_close() -> None:
+    pool = Pool(2)
+    results = pool.imap(h.square, range(5000))
+    assert next(results) == 0
+    pool.close()
+    assert list(results) == [x * x for x in range(1, 5000)]
+    pool.join(30)
+
+
+def test_imap_after_terminate_raises_instead_of_truncating() -> None:
+    from fabric.local.pool import TerminatedError
+
+    pool = Pool(2)
+    results = pool.imap(h.square, range(100_000))
+    assert next(results) == 0
+    pool.terminate()
+    with pytest.raises(TerminatedError):
+        for _ in results:
+            pass
+
+
+def test_imap_input_error_raised_in_place(pool: Pool) -> None:
+    def source() -> Iterator[int]:
+        yield from range(3)
+        raise OSError("input broke")
+
+    results = pool.imap(h.square, source(), 1)
+    assert [next(results) for _ in range(3)] == [0, 1, 4]
+    with pytest.raises(OSError, match="input broke"):
+        next(results)
+    assert list(results) == []

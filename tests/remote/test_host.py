@@ -160,3 +160,14 @@ def test_bad_requests_get_errors_not_crashes(host: ObjectHost) -> None:
         value(host.create(A, 1, "nope", "", b"", 0.0)[0])
     (reply,) = host.call(A, 2, "1", "get", b"not a pickle", 0.0)
     assert reply[2] is False
+
+
+def test_refusals_become_the_errors_users_catch() -> None:
+    from fabric.broker.protocol import Refuse
+    from fabric.errors import AuthenticationError, VersionMismatchError
+    from fabric.remote._link import refusal_error
+
+    skew = refusal_error(Refuse("version", "peer speaks 2, broker speaks 1"))
+    assert isinstance(skew, VersionMismatchError) and "speaks 2" in str(skew)
+    assert isinstance(refusal_error(Refuse("runtime", "py3.10 vs py3.11")), VersionMismatchError)
+    assert isinstance(refusal_error(Refuse("role", "no")), AuthenticationError)
