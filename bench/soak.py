@@ -74,6 +74,7 @@ def cluster(workers: int, processes: int) -> Iterator[tuple[str, Path, subproces
                     subprocess.Popen(
                         [*FABRIC, "worker", address, "--processes", str(processes),
                          "--keys", str(keys), "--name", f"soak-w{i}"],
+                        text=True,
                     )
                 )  # fmt: skip
             yield address, keys, procs[0]
