@@ -6,6 +6,7 @@ every core. Nothing here imports zmq or the remote layer.
 """
 
 from fabric.local._exceptions import ExceptionProxy, RemoteTraceback
+from fabric.local.connection import Connection, Pipe, wait
 from fabric.local.context import (
     Context,
     get_all_start_methods,
@@ -44,6 +45,7 @@ __all__: list[str] = [
     "BoundedSemaphore",
     "BrokenBarrierError",
     "Condition",
+    "Connection",
     "Context",
     "Event",
     "ExceptHookArgs",
@@ -52,6 +54,7 @@ __all__: list[str] = [
     "JoinableQueue",
     "Lock",
     "OwnerDiedWarning",
+    "Pipe",
     "Pool",
     "Process",
     "Queue",
@@ -70,4 +73,5 @@ __all__: list[str] = [
     "get_start_method",
     "parent_process",
     "set_start_method",
+    "wait",
 ]
