@@ -28,6 +28,7 @@ from fabric.local.process import (
     parent_process,
 )
 from fabric.local.queues import JoinableQueue, Queue, SimpleQueue
+from fabric.local.sharedctypes import Array, RawArray, RawValue, Value
 from fabric.local.synchronize import (
     Barrier,
     BoundedSemaphore,
@@ -41,6 +42,7 @@ from fabric.local.synchronize import (
 )
 
 __all__: list[str] = [
+    "Array",
     "Barrier",
     "BoundedSemaphore",
     "BrokenBarrierError",
@@ -59,9 +61,12 @@ __all__: list[str] = [
     "Process",
     "Queue",
     "RLock",
+    "RawArray",
+    "RawValue",
     "RemoteTraceback",
     "Semaphore",
     "SimpleQueue",
+    "Value",
     "active_children",
     "active_count",
     "cpu_count",
