@@ -11,7 +11,8 @@ Three comparisons, every candidate measured in the same run:
 
 Children are forked with multiprocessing's fork context for every candidate,
 so only the primitives differ. Each child times its own work from a shared
-start signal, so process start-up is not counted.
+start signal, so process start-up is not counted. Candidates are measured in
+rounds (each once per round), so load from other jobs hits them alike.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
 import fabric.local
-from bench._harness import Table, repeat
+from bench._harness import Stats, Table
 from fabric.local import _shm
 
 UNCONTENDED_PAIRS = 200_000
@@ -34,6 +35,16 @@ COUNTER_INCREMENTS = 100_000  # per process
 ROUND_TRIPS = 2_000
 
 _mp = multiprocessing.get_context("fork")
+
+
+def _interleaved(measures: Mapping[str, Callable[[], float]], repeats: int) -> dict[str, Stats]:
+    """Measure every candidate once per round, so a burst of load on the machine
+    hits all of them alike instead of skewing whichever ran during it."""
+    values: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, measure in measures.items():
+            values[name].append(measure())
+    return {name: Stats(tuple(v)) for name, v in values.items()}
 
 
 # ------------------------------------------------------------- uncontended
@@ -65,9 +76,9 @@ def _uncontended(repeats: int) -> Table:
         ("threading.RLock", threading.RLock),
         ("fabric.local.RLock", fabric.local.RLock),
     ]
-    locks = {name: make() for name, make in candidates}
-    for name, _make in candidates:
-        table.add(name, repeat(partial(_uncontended_ns, locks[name]), repeats))
+    measures = {name: partial(_uncontended_ns, make()) for name, make in candidates}
+    for name, stats in _interleaved(measures, repeats).items():
+        table.add(name, stats)
     return table
 
 
@@ -171,12 +182,13 @@ def _counter(repeats: int) -> Table:
         note=f"{COUNTER_INCREMENTS:,} increments per process under the lock; the final "
         "count is checked. Target: fabric faster than multiprocessing.Lock + RawValue.",
     )
-    for name, make in [
-        ("multiprocessing.Lock + RawValue", _MpCounter),
-        ("multiprocessing.Value.get_lock()", _MpValueCounter),
-        ("fabric.local.Lock + shared block", _FabricCounter),
-    ]:
-        table.add(name, repeat(partial(_counter_rate, make), repeats))
+    measures: dict[str, Callable[[], float]] = {
+        "multiprocessing.Lock + RawValue": partial(_counter_rate, _MpCounter),
+        "multiprocessing.Value.get_lock()": partial(_counter_rate, _MpValueCounter),
+        "fabric.local.Lock + shared block": partial(_counter_rate, _FabricCounter),
+    }
+    for name, stats in _interleaved(measures, repeats).items():
+        table.add(name, stats)
     return table
 
 
@@ -279,16 +291,16 @@ def _ping_pong(repeats: int, placement: str, cpus: tuple[int, int] | None) -> Ta
         note=f"{_PLACEMENTS[placement]}. {ROUND_TRIPS:,} round trips per measurement; a round "
         "trip is two wake-ups. Target: every fabric row at most 0.5x multiprocessing.Semaphore.",
     )
-    rows: list[tuple[str, Callable[[], Any]]] = []
+    measures: dict[str, Callable[[], float]] = {}
     for kind, cls in [
         ("Semaphore", _SemaphorePingPong),
         ("Event", _EventPingPong),
         ("Condition", _ConditionPingPong),
     ]:
-        rows.append((f"multiprocessing.{kind}", partial(cls, _mp)))
-        rows.append((f"fabric.local.{kind}", partial(cls, fabric.local)))
-    for name, make in rows:
-        table.add(name, repeat(partial(_ping_pong_us, make, cpus), repeats))
+        measures[f"multiprocessing.{kind}"] = partial(_ping_pong_us, partial(cls, _mp), cpus)
+        measures[f"fabric.local.{kind}"] = partial(_ping_pong_us, partial(cls, fabric.local), cpus)
+    for name, stats in _interleaved(measures, repeats).items():
+        table.add(name, stats)
     return table
 
 

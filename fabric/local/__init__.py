@@ -6,7 +6,6 @@ every core. Nothing here imports zmq or the remote layer.
 """
 
 from fabric.local._exceptions import ExceptionProxy, RemoteTraceback
-from fabric.local.connection import Connection, Pipe, wait
 from fabric.local.context import (
     Context,
     get_all_start_methods,
@@ -14,8 +13,6 @@ from fabric.local.context import (
     get_start_method,
     set_start_method,
 )
-from fabric.local.executor import Executor
-from fabric.local.pool import Pool
 from fabric.local.process import (
     ExceptHookArgs,
     Process,
@@ -27,19 +24,64 @@ from fabric.local.process import (
     excepthook,
     parent_process,
 )
-from fabric.local.queues import JoinableQueue, Queue, SimpleQueue
-from fabric.local.sharedctypes import Array, RawArray, RawValue, Value
-from fabric.local.synchronize import (
-    Barrier,
-    BoundedSemaphore,
-    BrokenBarrierError,
-    Condition,
-    Event,
-    Lock,
-    OwnerDiedWarning,
-    RLock,
-    Semaphore,
-)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from fabric.local.connection import Connection, Pipe, wait
+    from fabric.local.executor import Executor
+    from fabric.local.pool import Pool
+    from fabric.local.queues import JoinableQueue, Queue, SimpleQueue
+    from fabric.local.sharedctypes import Array, RawArray, RawValue, Value
+    from fabric.local.synchronize import (
+        Barrier,
+        BoundedSemaphore,
+        BrokenBarrierError,
+        Condition,
+        Event,
+        Lock,
+        OwnerDiedWarning,
+        RLock,
+        Semaphore,
+    )
+
+# Imported on first use (add new public names here): every spawned child imports
+# this package before its target runs, and these modules pull in typing, ctypes,
+# concurrent.futures and cloudpickle (~30 ms). The fork server preloads them all.
+_LAZY = {
+    "Executor": "fabric.local.executor",
+    "Pool": "fabric.local.pool",
+    "JoinableQueue": "fabric.local.queues",
+    "Queue": "fabric.local.queues",
+    "SimpleQueue": "fabric.local.queues",
+    "Connection": "fabric.local.connection",
+    "Pipe": "fabric.local.connection",
+    "wait": "fabric.local.connection",
+    "Array": "fabric.local.sharedctypes",
+    "RawArray": "fabric.local.sharedctypes",
+    "RawValue": "fabric.local.sharedctypes",
+    "Value": "fabric.local.sharedctypes",
+    "Barrier": "fabric.local.synchronize",
+    "BoundedSemaphore": "fabric.local.synchronize",
+    "BrokenBarrierError": "fabric.local.synchronize",
+    "Condition": "fabric.local.synchronize",
+    "Event": "fabric.local.synchronize",
+    "Lock": "fabric.local.synchronize",
+    "OwnerDiedWarning": "fabric.local.synchronize",
+    "RLock": "fabric.local.synchronize",
+    "Semaphore": "fabric.local.synchronize",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__: list[str] = [
     "Array",

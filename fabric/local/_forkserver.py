@@ -59,10 +59,16 @@ def main(control_fd: int) -> None:
 
 
 def _preload() -> None:
-    import cloudpickle  # noqa: F401 - loaded once here instead of in every child
+    # Loaded once here instead of in every child.
+    import importlib
 
-    import fabric.local  # noqa: F401
+    import cloudpickle  # noqa: F401
+
+    import fabric.local
     from fabric.local import _bootstrap, _exceptions, _shm  # noqa: F401
+
+    for module in sorted(set(fabric.local._LAZY.values())):
+        importlib.import_module(module)
 
 
 def _fork(

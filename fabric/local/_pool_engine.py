@@ -67,6 +67,7 @@ _EARLY_DEATHS = 3  # workers dying before READY this many times in a row break t
 
 
 _RUNNING, _CLOSING, _TERMINATING = "running", "closing", "terminating"
+_FORKED = "forked"  # seen from a child forked off the pool's process
 
 
 class Engine:
@@ -132,20 +133,29 @@ class Engine:
             self._wake()
 
     def _refuse(self) -> None:
+        if self._state == _FORKED:
+            raise RuntimeError("this pool belongs to the process that forked this one")
         if self._broken is not None:
             raise BrokenExecutor(str(self._broken)) from self._broken.__cause__
         raise ValueError("the pool is not running (closed or terminated)")
 
     def close(self) -> None:
         """Accept no more tasks; workers exit once the queued ones are done."""
-        if self._state == _RUNNING:
+        if self._state == _RUNNING:  # (not _FORKED: the parent's pool is not ours to close)
             self._state = _CLOSING
             self._wake()
 
     def terminate(self) -> None:
         """Kill the workers now; unfinished tasks fail with TerminatedError."""
-        self._state = _TERMINATING
-        self._wake()
+        if self._state != _FORKED:
+            self._state = _TERMINATING
+            self._wake()
+
+    def _orphan(self) -> None:
+        self._state = _FORKED
+        self._wake_fd = -1  # the parent's: ringing it would only wake the parent
+        self._stopped = threading.Event()
+        self._stopped.set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the loop to finish; return True if it has."""
@@ -534,6 +544,17 @@ class Engine:
 # uncaught exception never leaves workers behind. A weak set: it keeps no pool
 # alive, and each pool removes itself when its loop ends.
 _live: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _orphan_all() -> None:
+    for engine in list(_live):
+        engine._orphan()
+    _live.clear()
+
+
+# A forked child inherits the pools but not their threads or workers: not its to
+# use or stop.
+os.register_at_fork(after_in_child=_orphan_all)
 
 
 @atexit.register

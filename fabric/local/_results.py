@@ -33,17 +33,18 @@ def chunk_bounds(length: int, processes: int, chunksize: int | None) -> list[int
     """Return the start of each chunk of ``map``, then ``length``.
 
     A given ``chunksize`` cuts equal chunks. Otherwise chunks shrink as the map
-    goes (guided scheduling): each is an eighth of what is left per worker, never
-    under 1/64 of a worker's share, so the first chunks are big and cheap and the
-    last ones small enough to even out the finish when one worker runs slow.
+    goes (guided scheduling): each is a quarter of what is left per worker, never
+    under 1/16 of a worker's share, so the first chunks are as big as
+    ``multiprocessing``'s and the last ones small enough to even out the finish
+    when one worker runs slow.
     """
     if chunksize is not None:
         return [*range(0, length, chunksize), length]
-    floor = max(1, -(-length // (64 * processes)))
+    floor = max(1, -(-length // (16 * processes)))
     bounds, start = [], 0
     while start < length:
         bounds.append(start)
-        start += max(floor, -(-(length - start) // (8 * processes)))
+        start += max(floor, -(-(length - start) // (4 * processes)))
     return [*bounds, length]
 
 

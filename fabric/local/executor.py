@@ -127,7 +127,8 @@ class Executor(_Executor):
             futures.append(future)
             tasks.append(_FutureTask(fn, wire.STAR, chunk, None, future))
         self._engine.submit_many(tasks)
-        return _results(futures, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout  # from this call
+        return _results(futures, deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; finish (or, with ``cancel_futures``, cancel) what is queued."""
@@ -137,6 +138,15 @@ class Executor(_Executor):
         self._engine.close()
         if wait:
             self._engine.join()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        # Ctrl-C inside the block: do not wait for running tasks, stop the workers.
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._shutdown = True
+            self._engine.terminate()
+            self._engine.join()
+        else:
+            self.shutdown(wait=True)
 
     def statistics(self) -> Statistics:
         """Return a snapshot of the executor's counters."""
@@ -152,8 +162,7 @@ def _cancel(task: Task) -> bool:
     return isinstance(task, _FutureTask) and task.future.cancel()
 
 
-def _results(futures: list[Future[list[R]]], timeout: float | None) -> Iterator[R]:
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _results(futures: list[Future[list[R]]], deadline: float | None) -> Iterator[R]:
     try:
         for future in futures:
             remaining = None if deadline is None else deadline - time.monotonic()

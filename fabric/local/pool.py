@@ -277,8 +277,8 @@ class Pool:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, stacklevel=2)
             self._engine.terminate()
+            warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, stacklevel=2)
 
     def _check_running(self) -> None:
         if self._closed or not self._engine.accepting:

@@ -153,3 +153,8 @@ def test_bad_arguments() -> None:
         Executor(0)
     with pytest.raises(ValueError):
         Executor(1, max_tasks_per_child=0)
+
+
+def test_spawn_context() -> None:
+    with Executor(1, mp_context="spawn") as executor:
+        assert executor.submit(lambda: os.getppid()).result(60) == os.getpid()

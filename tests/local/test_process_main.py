@@ -175,3 +175,19 @@ def test_fork_server_killed_is_replaced(tmp_path: Path) -> None:
     assert done.stdout.splitlines()[1:] == ["restarted", "again 0"]
     assert wait_gone(int(pid), TIMEOUT)
     assert "fork server died before reporting child" in done.stderr
+
+
+# Modules a spawned child must not pay for before its target runs (each costs
+# milliseconds; the fork server preloads them instead).
+HEAVY = ["cloudpickle", "concurrent.futures", "ctypes", "logging", "typing", "zmq", "subprocess"]
+
+
+def test_child_bootstrap_is_import_light() -> None:
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import fabric.local._bootstrap\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules and m not in before))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -7,8 +7,10 @@ cross-process bodies (see test_synchronize_processes.py) reuse the same workers.
 from __future__ import annotations
 
 import pickle
+import signal
 import threading
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -427,6 +429,12 @@ def test_statistics_are_immutable_records() -> None:
     assert barrier.statistics() == (2, 0, False)
 
 
+@pytest.mark.parametrize("name", ["Lock", "RLock", "Semaphore", "Event", "Condition", "Barrier"])
+def test_weak_references(ns: types.ModuleType, name: str) -> None:
+    obj = getattr(ns, name)(2) if name == "Barrier" else getattr(ns, name)()
+    assert weakref.ref(obj)() is obj
+
+
 def test_condition_refuses_a_foreign_lock() -> None:
     with pytest.raises(TypeError, match=r"fabric\.local Lock or RLock"):
         fabric.local.Condition(threading.Lock())  # type: ignore[arg-type]
@@ -440,3 +448,63 @@ def test_attach_checks_the_kind() -> None:
         _sync.Event(lock._block.segment.mmap, lock._block.offset)
     with pytest.raises(ValueError, match="out of range"):
         _sync.Lock(lock._block.segment.mmap, 3)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _held_lock() -> Callable[[], object]:
+    lock = fabric.local.Lock()
+    lock.acquire()
+    return lock.acquire
+
+
+def _held_condition() -> Callable[[], object]:
+    cond = fabric.local.Condition()
+    cond.acquire()
+    return cond.wait
+
+
+@pytest.mark.parametrize(
+    "blocked_call",
+    [
+        _held_lock,
+        lambda: fabric.local.Semaphore(0).acquire,
+        lambda: fabric.local.Event().wait,
+        _held_condition,
+    ],
+    ids=["Lock", "Semaphore", "Event", "Condition"],
+)
+def test_signal_handlers_run_during_a_wait(
+    blocked_call: Callable[[], Callable[[], object]],
+) -> None:
+    """A blocked wait runs signal handlers; one that raises ends the wait with its exception."""
+    wait = blocked_call()
+    main = threading.main_thread().ident
+    assert main is not None
+    calls: list[int] = []
+    timers: list[threading.Timer] = []
+
+    def send_signal() -> None:
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    def handler(signum: int, frame: object) -> None:
+        calls.append(signum)
+        if len(calls) == 1:  # return: the wait goes on, until a second signal raises
+            timers.append(threading.Timer(0.02, send_signal))
+            timers[-1].start()
+        else:
+            raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        timers.append(threading.Timer(0.02, send_signal))
+        timers[0].start()
+        with pytest.raises(Interrupted):
+            wait()
+    finally:
+        for timer in timers:
+            timer.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert calls == [signal.SIGUSR1, signal.SIGUSR1]

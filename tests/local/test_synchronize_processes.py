@@ -86,7 +86,7 @@ def memfds() -> int:
 
 
 def test_lock_counter_across_processes(spawn: Callable[..., Child]) -> None:
-    for make in (fabric.local.Lock, fabric.local.RLock):
+    for make in (fabric.local.Lock, fabric.local.RLock, fabric.local.BoundedSemaphore):
         lock, counter = make(), SharedInts(1)
         kids = [spawn(count_under_lock, lock, counter, 3000) for _ in range(2)]
         count_under_lock(lock, counter, 3000)

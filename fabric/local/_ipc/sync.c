@@ -93,7 +93,10 @@
 #define MAGIC_EVENT 0x54564566u /* "fEVT" */
 #define MAGIC_COND 0x444e4366u  /* "fCND" */
 
-enum { WAIT_INTR = -1, WAIT_TIMEOUT = 0, WAIT_OK = 1, WAIT_DEAD_OWNER = 2 };
+/* WAIT_AGAIN: a signal arrived or a sleep slice ended; the caller takes the
+ * GIL, runs pending signal handlers and calls again. Returning once per slice
+ * bounds how long a signal that landed just before FUTEX_WAIT goes unhandled. */
+enum { WAIT_AGAIN = -1, WAIT_TIMEOUT = 0, WAIT_OK = 1, WAIT_DEAD_OWNER = 2 };
 
 typedef _Atomic uint32_t au32;
 
@@ -474,7 +477,7 @@ lock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 /* Wait for the mutex with the GIL released. Returns WAIT_OK, WAIT_DEAD_OWNER
  * (taken from a dead owner, whose ident goes to *dead), WAIT_TIMEOUT or
- * WAIT_INTR (a signal arrived: the caller checks it and may call again). */
+ * WAIT_AGAIN. */
 static int
 mutex_lock_slow(struct mutex_shm *m, uint32_t me, double deadline, uint32_t *dead, int spin)
 {
@@ -521,17 +524,14 @@ mutex_lock_slow(struct mutex_shm *m, uint32_t me, double deadline, uint32_t *dea
                 }
                 continue;
             }
-            next_check = now + SLICE_S;
-        }
-        if (expired) {
-            rc = WAIT_TIMEOUT;
+            rc = expired ? WAIT_TIMEOUT : WAIT_AGAIN;
             break;
         }
         double sleep = next_sleep(now, deadline);
         if (next_check - now < sleep)
             sleep = next_check - now;
         if (fx_wait(&m->word, w, sleep) == -EINTR) {
-            rc = WAIT_INTR;
+            rc = WAIT_AGAIN;
             break;
         }
     }
@@ -583,10 +583,10 @@ mutex_lock_blocking(struct mutex_shm *m, uint32_t me, double deadline, uint32_t 
         Py_BEGIN_ALLOW_THREADS
         rc = mutex_lock_slow(m, me, deadline, dead, spin);
         Py_END_ALLOW_THREADS
-        if (rc != WAIT_INTR)
+        if (rc != WAIT_AGAIN)
             return rc;
         if (interruptible && PyErr_CheckSignals() < 0)
-            return WAIT_INTR;
+            return WAIT_AGAIN;
         spin = 0;
     }
 }
@@ -617,7 +617,7 @@ lock_acquire_impl(LockObject *self, int blocking, double timeout)
         if (!blocking)
             Py_RETURN_FALSE;
         rc = mutex_lock_blocking(m, me, deadline_after(timeout), &dead, 1);
-        if (rc == WAIT_INTR)
+        if (rc == WAIT_AGAIN)
             return NULL;
         if (rc == WAIT_TIMEOUT)
             Py_RETURN_FALSE;
@@ -833,8 +833,9 @@ sem_wait_slow(struct sem_shm *s, double deadline, int spin)
             rc = WAIT_TIMEOUT;
             break;
         }
-        if (fx_wait(&s->value, 0, next_sleep(now, deadline)) == -EINTR) {
-            rc = WAIT_INTR;
+        int r = fx_wait(&s->value, 0, next_sleep(now, deadline));
+        if (r == -EINTR || (r == -ETIMEDOUT && (deadline < 0 || fx_now() < deadline))) {
+            rc = WAIT_AGAIN;
             break;
         }
     }
@@ -863,7 +864,7 @@ sem_acquire(SharedObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
         Py_BEGIN_ALLOW_THREADS
         rc = sem_wait_slow(s, deadline, spin);
         Py_END_ALLOW_THREADS
-        if (rc != WAIT_INTR)
+        if (rc != WAIT_AGAIN)
             break;
         if (PyErr_CheckSignals() < 0)
             return NULL;
@@ -1052,8 +1053,9 @@ event_wait_slow(struct event_shm *e, uint32_t w0, double deadline, int spin)
             rc = WAIT_TIMEOUT;
             break;
         }
-        if (fx_wait(&e->word, w0, next_sleep(now, deadline)) == -EINTR) {
-            rc = WAIT_INTR;
+        int r = fx_wait(&e->word, w0, next_sleep(now, deadline));
+        if (r == -EINTR || (r == -ETIMEDOUT && (deadline < 0 || fx_now() < deadline))) {
+            rc = WAIT_AGAIN;
             break;
         }
     }
@@ -1079,7 +1081,7 @@ event_wait(SharedObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject
         Py_BEGIN_ALLOW_THREADS
         rc = event_wait_slow(e, w0, deadline, spin);
         Py_END_ALLOW_THREADS
-        if (rc != WAIT_INTR)
+        if (rc != WAIT_AGAIN)
             break;
         if (PyErr_CheckSignals() < 0)
             return NULL;
@@ -1202,8 +1204,9 @@ cond_wait_slow(struct cond_shm *c, uint32_t ticket, double deadline, int spin)
             rc = WAIT_TIMEOUT;
             break;
         }
-        if (fx_wait(&c->seq, s, next_sleep(now, deadline)) == -EINTR) {
-            rc = WAIT_INTR;
+        int r = fx_wait(&c->seq, s, next_sleep(now, deadline));
+        if (r == -EINTR || (r == -ETIMEDOUT && (deadline < 0 || fx_now() < deadline))) {
+            rc = WAIT_AGAIN;
             break;
         }
     }
@@ -1246,7 +1249,7 @@ cond_wait(CondObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
         Py_BEGIN_ALLOW_THREADS
         rc = cond_wait_slow(c, ticket, deadline, spin);
         Py_END_ALLOW_THREADS
-        if (rc != WAIT_INTR)
+        if (rc != WAIT_AGAIN)
             break;
         if (PyErr_CheckSignals() < 0) {
             failed = 1;
