@@ -26,6 +26,7 @@ __all__ = ["ForkServerPopen", "ensure_running", "stop"]
 
 _log = logging.getLogger(__name__)
 _MAX_FDS = 250  # SCM_MAX_FD (253) less the status socket and the launch memfd
+_START_TIMEOUT = 60.0  # a fork takes milliseconds; this only catches a stopped server
 _LOST = 255  # exit code reported when the server died before the child's status arrived
 
 
@@ -123,6 +124,9 @@ class ForkServerPopen:
             self._status = self._request([launch_fd, *fds])
         finally:
             os.close(launch_fd)
+        if not _process.wait_readable(self._status.fileno(), _START_TIMEOUT):
+            self._status.close()
+            raise FabricError(f"the fork server did not start the child within {_START_TIMEOUT} s")
         reply = self._status.recv(PID.size, socket.MSG_WAITALL)
         if len(reply) != PID.size:
             self._status.close()

@@ -327,6 +327,38 @@ def test_condition_notify_n_wakes_exactly_n(ns: types.ModuleType, threads: Any) 
     assert [out[i] for i in range(4)] == [1, 1, 1, 1]
 
 
+def consume_with_timeouts(cond: Any, box: SharedInts, stop: Any) -> None:
+    """Take items from box[0] (a count of pending items) with short timed waits."""
+    while True:
+        with cond:
+            if not cond.wait_for(lambda: box[0] > 0 or stop.is_set(), timeout=0.001):
+                continue
+            if box[0] == 0:
+                return
+            box[0] -= 1
+            box[1] += 1
+            cond.notify_all()  # the producer waits for the total; more racing wake-ups too
+
+
+def test_condition_timeouts_racing_notifies_lose_nothing(
+    ns: types.ModuleType, threads: Any
+) -> None:
+    """Waits that time out while notify(1) races with them must not strand items."""
+    cond, box, stop = ns.Condition(ns.Lock()), SharedInts(2), ns.Event()
+    consumers = [threads(consume_with_timeouts, cond, box, stop) for _ in range(3)]
+    for _ in range(2000):
+        with cond:
+            box[0] += 1
+            cond.notify()
+    with cond:
+        assert cond.wait_for(lambda: box[1] == 2000, timeout=30)
+        stop.set()
+        cond.notify_all()
+    for t in consumers:
+        t.join(30)
+    assert box[0] == 0 and box[1] == 2000
+
+
 # --------------------------------------------------------------- Barrier
 
 

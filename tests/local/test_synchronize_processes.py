@@ -158,6 +158,35 @@ def test_rlock_owner_is_the_process_and_thread(spawn: Callable[..., Child]) -> N
     rlock.release()
 
 
+def take_from_queue(queue: Any, out: SharedInts) -> None:
+    lock, done = queue.get(timeout=30)
+    out[0] = 1 if lock.acquire(False) else -1  # the parent holds it
+    done.set()
+
+
+def hand_back_an_event(queue: Any) -> None:
+    mine = fabric.local.Event()
+    queue.put(mine)
+    assert mine.wait(30)  # set by the parent through its unpickled copy
+
+
+def test_primitives_travel_through_queues(spawn: Callable[..., Child]) -> None:
+    queue, out = fabric.local.Queue(), SharedInts(1)
+    lock, done = fabric.local.Lock(), fabric.local.Event()
+    lock.acquire()
+    kid = spawn(take_from_queue, queue, out)
+    queue.put((lock, done))
+    assert done.wait(30)
+    assert kid.wait() == 0
+    assert out[0] == -1 and lock.locked()
+    lock.release()
+    kid = spawn(hand_back_an_event, queue)
+    theirs = queue.get(timeout=30)
+    assert isinstance(theirs, fabric.local.Event) and not theirs.is_set()
+    theirs.set()
+    assert kid.wait() == 0
+
+
 # -------------------------------------------------------------- dead owners
 
 
