@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 import fabric.local
-
 from tests.local.test_lifetime import wait_gone
 
 METHODS = ["fork", "forkserver", "spawn"]
