@@ -170,6 +170,7 @@ class Scheduler:
         self._seen: dict[bytes, float] = {}
         self._held: OrderedDict[bytes, float] = OrderedDict()  # results for absent clients
         self._expired: OrderedDict[bytes, Result] = OrderedDict()
+        self._dropped: list[bytes] = []  # expired since the last drop_expired()
         self._tombstones: OrderedDict[bytes, float] = OrderedDict()
         self._bytes = 0
         self._turns = 0
@@ -294,7 +295,8 @@ class Scheduler:
             reject = Reject(task, "busy", reason, limits.busy_retry_after)
             return Admission.REJECTED, [(session, reject)]
         self.restore(session, task, payload, now, requires)
-        return Admission.ACCEPTED, [(session, Ack(task=task)), *self._dispatch()]
+        # the dispatch is on the result's critical path, the ACK is not: it goes second
+        return Admission.ACCEPTED, [*self._dispatch(), (session, Ack(task=task))]
 
     def restore(
         self,
@@ -327,8 +329,13 @@ class Scheduler:
         return self._dispatch()
 
     def result(self, session: bytes, message: Result, now: float) -> list[Out]:
-        """Take a worker's RESULT: ACK it, return its credit, and settle the task if it wins."""
-        outs: list[Out] = [(session, Ack(task=message.task, attempt=message.attempt))]
+        """Take a worker's RESULT: ACK it, return its credit, and settle the task if it wins.
+
+        The result to the client and the next dispatch come before the ACK to
+        the worker: they are on someone's critical path, the ACK is not.
+        """
+        ack: Out = (session, Ack(task=message.task, attempt=message.attempt))
+        outs: list[Out] = []
         worker = self._workers.get(session)
         if worker is not None:
             worker.credit = min(worker.credit + message.credit, MAX_CREDIT)
@@ -340,12 +347,12 @@ class Scheduler:
         ):
             # already settled, or an attempt never dispatched (not to be trusted)
             self._counts["duplicates"] += 1
-            return outs + self._dispatch()
+            return [*self._dispatch(), ack]
         current = task.worker == session and message.attempt == task.attempt
         if message.status == "crashed":
             if not current:
                 self._counts["duplicates"] += 1
-                return outs + self._dispatch()
+                return [*self._dispatch(), ack]
             assert worker is not None
             outs += self._crashed(task, message.message, worker, now)
         else:
@@ -356,7 +363,7 @@ class Scheduler:
             outs += self._settle(
                 task, message.attempt, message.status, message.message, message.payload, now
             )
-        return outs + self._dispatch()
+        return [*outs, *self._dispatch(), ack]
 
     def done(self, session: bytes, tasks: tuple[bytes, ...], now: float) -> list[bytes]:
         """Forget the client's acknowledged results; return the keys forgotten (to journal)."""
@@ -401,6 +408,11 @@ class Scheduler:
         if entry.state is _State.DISPATCHED and entry.worker is not None:
             return [(entry.worker, Cancel(task=entry.key, attempt=entry.attempt))]
         return []
+
+    def drop_expired(self) -> list[bytes]:
+        """Return the keys whose results expired since the last call (to journal as forgotten)."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
 
     # --- introspection -----------------------------------------------------------
 
@@ -575,6 +587,7 @@ class Scheduler:
         if task is None:
             return
         self._forget(task)
+        self._dropped.append(key)
         text = "the result waited for its absent client past the broker's result limits"
         self._expired[key] = Result(key[SESSION_BYTES:], task.attempt, "expired", text)
         while len(self._expired) > self.limits.tombstone_limit:

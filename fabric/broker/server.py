@@ -322,6 +322,8 @@ class Broker:
                     self._tick(now)
                     next_tick = now + period
                 if journal is not None:
+                    for key in self._sched.drop_expired():
+                        journal.done(key)  # an expired result is never run again
                     journal.commit()
                 self._flush(router, now)
             if wake in events:
