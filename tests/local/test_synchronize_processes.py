@@ -296,6 +296,30 @@ def test_reused_pid_is_not_mistaken_for_the_owner() -> None:
     lock.release()
 
 
+def block_on(lock: Any) -> None:
+    lock.acquire()
+
+
+def test_killed_waiter_leaves_the_lock_usable(spawn: Callable[..., Child]) -> None:
+    lock, got = fabric.local.Lock(), fabric.local.Event()
+    lock.acquire()
+    kid = spawn(block_on, lock)
+    deadline = time.monotonic() + 30
+    while lock.statistics().waiters == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)  # polling a counter, not synchronising: the child is asleep
+    kid.kill()
+    assert kid.wait() == -signal.SIGKILL
+    assert lock.statistics().waiters == 1  # the dead waiter's count stays (documented)
+    t = threading.Thread(target=lambda: lock.acquire(timeout=30) and got.set())
+    t.start()
+    lock.release()  # wakes the live waiter (or nobody), never loses the lock
+    assert got.wait(30)
+    t.join(30)
+    lock.release()
+    assert lock.acquire(False)
+    lock.release()
+
+
 # -------------------------------------------------------------------- leaks
 
 
