@@ -11,6 +11,7 @@ from fabric.local.context import (
     get_all_start_methods,
     get_context,
     get_start_method,
+    set_forkserver_preload,
     set_start_method,
 )
 from fabric.local.process import (
@@ -27,9 +28,11 @@ from fabric.local.process import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from fabric.local.connection import Connection, Pipe, wait
     from fabric.local.executor import Executor
     from fabric.local.pool import Pool
     from fabric.local.queues import JoinableQueue, Queue, SimpleQueue
+    from fabric.local.sharedctypes import Array, RawArray, RawValue, Value
     from fabric.local.synchronize import (
         Barrier,
         BoundedSemaphore,
@@ -51,6 +54,13 @@ _LAZY = {
     "JoinableQueue": "fabric.local.queues",
     "Queue": "fabric.local.queues",
     "SimpleQueue": "fabric.local.queues",
+    "Connection": "fabric.local.connection",
+    "Pipe": "fabric.local.connection",
+    "wait": "fabric.local.connection",
+    "Array": "fabric.local.sharedctypes",
+    "RawArray": "fabric.local.sharedctypes",
+    "RawValue": "fabric.local.sharedctypes",
+    "Value": "fabric.local.sharedctypes",
     "Barrier": "fabric.local.synchronize",
     "BoundedSemaphore": "fabric.local.synchronize",
     "BrokenBarrierError": "fabric.local.synchronize",
@@ -75,10 +85,12 @@ def __getattr__(name: str) -> object:
 
 
 __all__: list[str] = [
+    "Array",
     "Barrier",
     "BoundedSemaphore",
     "BrokenBarrierError",
     "Condition",
+    "Connection",
     "Context",
     "Event",
     "ExceptHookArgs",
@@ -87,13 +99,17 @@ __all__: list[str] = [
     "JoinableQueue",
     "Lock",
     "OwnerDiedWarning",
+    "Pipe",
     "Pool",
     "Process",
     "Queue",
     "RLock",
+    "RawArray",
+    "RawValue",
     "RemoteTraceback",
     "Semaphore",
     "SimpleQueue",
+    "Value",
     "active_children",
     "active_count",
     "cpu_count",
@@ -104,5 +120,7 @@ __all__: list[str] = [
     "get_context",
     "get_start_method",
     "parent_process",
+    "set_forkserver_preload",
     "set_start_method",
+    "wait",
 ]

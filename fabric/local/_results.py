@@ -249,6 +249,7 @@ class IMapIterator(Iterator[T], _ChunkSink):
         self._order: collections.deque[int] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
         self._current: Iterator[Any] = iter(())
+        self._taken: collections.deque[tuple[bool, Any]] = collections.deque()
         self._feeding = threading.Lock()  # the caller and Pool.close() may both feed
         self._input_error: Exception | None = None
         self._cut_short = False  # the pool stopped before all input was sent
@@ -264,24 +265,21 @@ class IMapIterator(Iterator[T], _ChunkSink):
         """Return the next result; TimeoutError if none comes within ``timeout``."""
         for value in self._current:
             return value  # type: ignore[no-any-return]
-        ok, value = self._take(timeout)
+        if not self._taken:
+            self._take(timeout)
+        ok, value = self._taken.popleft()
         if not ok:
             raise value
         self._current = iter(value)  # a chunk's result holds one value per item, never none
         return next(self._current)  # type: ignore[no-any-return]
 
-    def _take(self, timeout: float | None) -> tuple[bool, Any]:
+    def _take(self, timeout: float | None) -> None:
+        """Move every chunk result that may be handed out now to ``_taken``; wait for one."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._refill()
+        if self._outstanding < self._window // 2:  # refill in bulk, not one chunk per item
+            self._refill()
         with self._cond:
-            while True:
-                seq = self._next_seq if self._ordered else (self._order[0] if self._order else -1)
-                if seq in self._ready:
-                    ok, value, items = self._ready.pop(seq)
-                    if not self._ordered:
-                        self._order.popleft()
-                    self._next_seq += 1
-                    break
+            while not self._pop_ready():
                 if self._input is None and self._next_seq >= self._seq:
                     self._progress_close()
                     if self._cut_short:
@@ -290,9 +288,26 @@ class IMapIterator(Iterator[T], _ChunkSink):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no result within {timeout} s")
+                if self._input is not None and self._outstanding < self._window:
+                    self._cond.release()  # feed the workers rather than wait for them
+                    try:
+                        self._refill()
+                    finally:
+                        self._cond.acquire()
+                    continue
                 self._cond.wait(remaining)
-        self._outstanding -= items  # only the caller's thread touches the count
-        return ok, value
+
+    def _pop_ready(self) -> bool:
+        while True:
+            seq = self._next_seq if self._ordered else (self._order[0] if self._order else -1)
+            if seq not in self._ready:
+                return bool(self._taken)
+            ok, value, items = self._ready.pop(seq)
+            if not self._ordered:
+                self._order.popleft()
+            self._next_seq += 1
+            self._outstanding -= items  # only the caller's thread touches the count
+            self._taken.append((ok, value))
 
     def _refill(self, window: float | None = None) -> None:
         """Read input and submit chunks while fewer than ``window`` items are out."""

@@ -39,8 +39,8 @@ class QueueStatistics(NamedTuple):
     bytes_used: int
     capacity: int
     maxsize: int
-    getters_waiting: int
-    putters_waiting: int
+    getters_sleeping: bool
+    putters_sleeping: bool
     puts: int
     gets: int
     abandoned: int

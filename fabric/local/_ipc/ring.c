@@ -48,11 +48,15 @@
  * fragments. A dead stream owner is detected like any other dead owner: its
  * orphaned fragments are discarded and the partial message is the one lost.
  *
- * Waking. Sleepers bump a waiter count and re-check before FUTEX_WAIT on a
- * sequence word; a waker bumps the word and calls FUTEX_WAKE only when the
- * count says someone sleeps (a seq_cst fence on both sides orders "publish,
- * then read waiters" against "add waiter, then re-check"). Before sleeping a
- * waiter spins for an adaptive, bounded time, with the GIL released.
+ * Waking. Each wait has a 32-bit sequence word whose low bit means "someone
+ * may sleep here". A sleeper sets the bit, re-checks its condition, then
+ * FUTEX_WAITs on the word; a waker that finds the bit set bumps the word
+ * (clearing the bit) and calls FUTEX_WAKE, so the fast path makes no system
+ * call when nobody sleeps (seq_cst on both sides orders "publish, then read
+ * the word" against "set the bit, then re-check"). A sleeper killed in its
+ * sleep leaves the bit set, which costs one spurious wake and then heals
+ * (a waiter *count* would stay wrong forever). Before sleeping a waiter
+ * spins for an adaptive, bounded time, with the GIL released.
  *
  * The tail is accessed with GCC's __sync double-width CAS (cmpxchg16b, built
  * with -mcx16) and read as two 64-bit halves; a torn read only makes the
@@ -117,18 +121,17 @@ typedef struct {
     _Atomic int64_t count, unfinished;
     _Atomic uint64_t abandoned, puts, gets;
     char _p4[64 - 40];
-    _Atomic uint32_t data_seq, data_waiters;
-    char _p5[64 - 8];
-    _Atomic uint32_t space_seq, space_waiters;
-    char _p6[64 - 8];
-    _Atomic uint32_t join_seq, join_waiters;
+    _Atomic uint32_t data_seq;
+    char _p5[64 - 4];
+    _Atomic uint32_t space_seq;
+    char _p6[64 - 4];
+    _Atomic uint32_t join_seq;
     _Atomic uint64_t wstream, rstream; /* {pid << 32 | tid} of the stream owners */
-    char _p7[64 - 24];
+    char _p7[64 - 24 + 4];
     /* Pipe ends: per side, SLOTS words of {pid << 32 | handle count}, a count
      * of forks in flight and a closed-for-good flag. */
     _Atomic uint64_t slots[2][SLOTS];
     _Atomic uint32_t pending[2], closed[2];
-    _Atomic uint32_t bell_waiters;
 } hdr_t;
 
 _Static_assert(sizeof(hdr_t) <= HDR_SIZE, "ring header too large");
@@ -235,20 +238,32 @@ static inline int tail_cas(Ring *r, uint64_t lo, uint64_t hi, uint64_t nlo, uint
     return __sync_bool_compare_and_swap((unsigned __int128 *)r->h->tail, expect, want);
 }
 
-/* Wake everyone sleeping on seq if the waiter count says someone is. The
- * fence pairs with the one in wait_on(): either the sleeper sees our publish
- * in its re-check, or we see its waiter count. */
-static inline void wake_if_waiting(_Atomic uint32_t *seq, _Atomic uint32_t *waiters)
+/* Wake everyone sleeping on seq if its sleeper bit is set. The fence pairs
+ * with the one in sleep_on(): either the sleeper's re-check sees what we
+ * published, or we see its bit. */
+static inline void wake_if_waiting(_Atomic uint32_t *seq)
 {
     atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load_explicit(waiters, memory_order_relaxed)) {
-        atomic_fetch_add_explicit(seq, 1, memory_order_release);
-        fx_wake(seq, INT32_MAX);
+    uint32_t s = atomic_load_explicit(seq, memory_order_relaxed);
+    while (s & 1u) {
+        if (atomic_compare_exchange_weak_explicit(seq, &s, s + 1, memory_order_release, memory_order_relaxed)) {
+            fx_wake(seq, INT32_MAX);
+            return;
+        }
     }
 }
 
-static inline void wake_data(Ring *r) { wake_if_waiting(&r->h->data_seq, &r->h->data_waiters); }
-static inline void wake_space(Ring *r) { wake_if_waiting(&r->h->space_seq, &r->h->space_waiters); }
+/* Announce a sleeper on seq; return the value to FUTEX_WAIT on. The caller
+ * re-checks its condition after this and before waiting. */
+static inline uint32_t announce_sleeper(_Atomic uint32_t *seq)
+{
+    uint32_t s = atomic_fetch_or_explicit(seq, 1u, memory_order_seq_cst) | 1u;
+    atomic_thread_fence(memory_order_seq_cst);
+    return s;
+}
+
+static inline void wake_data(Ring *r) { wake_if_waiting(&r->h->data_seq); }
+static inline void wake_space(Ring *r) { wake_if_waiting(&r->h->space_seq); }
 
 /* ------------------------------------------------------------------ */
 /* Reservation (producers)                                              */
@@ -527,7 +542,7 @@ typedef int (*attempt_fn)(Ring *r, void *arg);
  * or RC_FULL/RC_EMPTY style "again" code on timeout, or -1 on a signal
  * (Python error set, GIL held). `again` is a bitmask of codes to retry. */
 static int wait_for(Ring *r, attempt_fn attempt, void *arg, unsigned again, _Atomic uint32_t *seq,
-                    _Atomic uint32_t *waiters, double timeout, double slice)
+                    double timeout, double slice)
 {
     double deadline = timeout < 0 ? -1 : fx_now() + timeout;
     int rc;
@@ -561,14 +576,11 @@ static int wait_for(Ring *r, attempt_fn attempt, void *arg, unsigned again, _Ato
         double sl = (rc == RC_BUSY || rc == RC_SPACE || rc == RC_STREAM || rc == RC_PREV) ? SLICE_S : slice;
         if (sl > 0 && (left < 0 || left > sl))
             left = sl;
-        uint32_t s = atomic_load_explicit(seq, memory_order_acquire);
-        atomic_fetch_add_explicit(waiters, 1, memory_order_relaxed);
-        atomic_thread_fence(memory_order_seq_cst);
+        uint32_t s = announce_sleeper(seq);
         rc = attempt(r, arg);
         if ((1u << rc) & again) {
             int w = fx_wait(seq, s, left);
             if (w == -EINTR) {
-                atomic_fetch_sub_explicit(waiters, 1, memory_order_relaxed);
                 Py_BLOCK_THREADS
                 int sig = PyErr_CheckSignals();
                 Py_UNBLOCK_THREADS
@@ -580,7 +592,6 @@ static int wait_for(Ring *r, attempt_fn attempt, void *arg, unsigned again, _Ato
             }
             rc = attempt(r, arg);
         }
-        atomic_fetch_sub_explicit(waiters, 1, memory_order_relaxed);
     }
     Py_END_ALLOW_THREADS
     return rc;
@@ -662,7 +673,7 @@ static int reserve(Ring *r, put_arg *p, double timeout)
     int rc = attempt_put(r, p);
     if (rc == RC_OK || timeout == 0)
         return rc;
-    return wait_for(r, attempt_put, p, AGAIN_PUT, &r->h->space_seq, &r->h->space_waiters, timeout, -1);
+    return wait_for(r, attempt_put, p, AGAIN_PUT, &r->h->space_seq, timeout, -1);
 }
 
 static void publish(Ring *r, uint64_t pos, uint32_t info, cursor_t *cur, int nogil)
@@ -725,7 +736,7 @@ static int put_message(Ring *r, seg_t *segs, int nseg, size_t len, unsigned kind
     double deadline = timeout < 0 ? -1 : fx_now() + timeout;
     int rc = acquire_wstream(r, NULL);
     if (rc != RC_OK && timeout != 0)
-        rc = wait_for(r, acquire_wstream, NULL, 1u << RC_STREAM, &r->h->space_seq, &r->h->space_waiters,
+        rc = wait_for(r, acquire_wstream, NULL, 1u << RC_STREAM, &r->h->space_seq,
                       timeout, SLICE_S);
     if (rc != RC_OK)
         return rc;
@@ -806,7 +817,7 @@ static int claim(Ring *r, get_arg *g, double timeout)
         again = 1u << RC_BUSY;
         timeout = BUSY_GRACE_S;
     }
-    rc = wait_for(r, attempt_get, g, again, &r->h->data_seq, &r->h->data_waiters, timeout,
+    rc = wait_for(r, attempt_get, g, again, &r->h->data_seq, timeout,
                   g->check_peer ? SLICE_S : -1);
     return rc == RC_BUSY ? RC_EMPTY : rc;
 }
@@ -963,7 +974,7 @@ static void detach_side(Ring *r, int side)
         while ((w >> 32) == me()) {
             uint64_t n = (w & 0xffffffffu) <= 1 ? 0 : w - 1;
             if (atomic_compare_exchange_weak(&slots[i], &w, n)) {
-                wake_if_waiting(&r->h->data_seq, &r->h->data_waiters);
+                wake_if_waiting(&r->h->data_seq);
                 wake_space(r);
                 return;
             }
@@ -1371,7 +1382,7 @@ static PyObject *Ring_poll(Ring *self, PyObject *args)
     int rc = attempt_peek(self, &p);
     if (rc != RC_OK && rc != RC_EOF && t != 0) {
         p.tries = 0;
-        rc = wait_for(self, attempt_peek, &p, AGAIN_GET, &self->h->data_seq, &self->h->data_waiters, t,
+        rc = wait_for(self, attempt_peek, &p, AGAIN_GET, &self->h->data_seq, t,
                       side >= 0 ? SLICE_S : -1);
     }
     if (rc == -1)
@@ -1395,7 +1406,7 @@ static PyObject *Ring_task_done(Ring *self, PyObject *Py_UNUSED(ignored))
         }
     } while (!atomic_compare_exchange_weak(&self->h->unfinished, &u, u - 1));
     if (u == 1)
-        wake_if_waiting(&self->h->join_seq, &self->h->join_waiters);
+        wake_if_waiting(&self->h->join_seq);
     Py_RETURN_NONE;
 }
 
@@ -1417,7 +1428,7 @@ static PyObject *Ring_join(Ring *self, PyObject *args)
         return NULL;
     int rc = attempt_join(self, NULL);
     if (rc != RC_OK && t != 0)
-        rc = wait_for(self, attempt_join, NULL, 1u << RC_BUSY, &self->h->join_seq, &self->h->join_waiters,
+        rc = wait_for(self, attempt_join, NULL, 1u << RC_BUSY, &self->h->join_seq,
                       t, 1.0);
     if (rc == -1)
         return NULL;
@@ -1431,11 +1442,13 @@ static PyObject *Ring_statistics(Ring *self, PyObject *Py_UNUSED(ignored))
     tail_load(self, &lo, &hi);
     uint64_t head = atomic_load_explicit(&h->head, memory_order_acquire);
     int64_t c = atomic_load_explicit(&h->count, memory_order_relaxed);
-    return Py_BuildValue("{sLsKsKsLsIsIsKsKsKsL}", "depth", (long long)(c < 0 ? 0 : c), "bytes_used",
+    return Py_BuildValue("{sLsKsKsLsOsOsKsKsKsL}", "depth", (long long)(c < 0 ? 0 : c), "bytes_used",
                          (unsigned long long)(lo - head), "capacity", (unsigned long long)h->cap, "maxsize",
-                         (long long)h->maxsize, "getters_waiting",
-                         atomic_load_explicit(&h->data_waiters, memory_order_relaxed), "putters_waiting",
-                         atomic_load_explicit(&h->space_waiters, memory_order_relaxed), "puts",
+                         (long long)h->maxsize, "getters_sleeping",
+                         (atomic_load_explicit(&h->data_seq, memory_order_relaxed) & 1u) ? Py_True : Py_False,
+                         "putters_sleeping",
+                         (atomic_load_explicit(&h->space_seq, memory_order_relaxed) & 1u) ? Py_True : Py_False,
+                         "puts",
                          (unsigned long long)atomic_load_explicit(&h->puts, memory_order_relaxed), "gets",
                          (unsigned long long)atomic_load_explicit(&h->gets, memory_order_relaxed), "abandoned",
                          (unsigned long long)atomic_load_explicit(&h->abandoned, memory_order_relaxed),
@@ -1500,7 +1513,7 @@ static PyObject *Ring_send(Ring *self, PyObject *args)
     return res;
 }
 
-static PyObject *Ring_futex_word(Ring *self, PyObject *Py_UNUSED(ignored))
+static PyObject *Ring_futex_word(Ring *Py_UNUSED(self), PyObject *Py_UNUSED(ignored))
 {
     /* offset of the data sequence word within the buffer, for multi-waits */
     return PyLong_FromSsize_t((Py_ssize_t)offsetof(hdr_t, data_seq));
@@ -1573,12 +1586,10 @@ static PyObject *wait_any(PyObject *Py_UNUSED(mod), PyObject *args)
     int ready = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         hdr_t *h = objs[i]->h;
-        waiters[i] = (struct futex_waitv){.val = atomic_load_explicit(&h->data_seq, memory_order_acquire),
+        waiters[i] = (struct futex_waitv){.val = announce_sleeper(&h->data_seq),
                                           .uaddr = (uintptr_t)&h->data_seq,
                                           .flags = FUTEX_32};
-        atomic_fetch_add_explicit(&h->data_waiters, 1, memory_order_relaxed);
     }
-    atomic_thread_fence(memory_order_seq_cst);
     for (Py_ssize_t i = 0; i < n && !ready; i++) {
         peek_arg p = {0, 0, 0};
         ready = attempt_peek(objs[i], &p) == RC_OK;
@@ -1596,8 +1607,6 @@ static PyObject *wait_any(PyObject *Py_UNUSED(mod), PyObject *args)
         syscall(SYS_futex_waitv, waiters, (unsigned)n, 0, tsp, CLOCK_MONOTONIC);
         Py_END_ALLOW_THREADS
     }
-    for (Py_ssize_t i = 0; i < n; i++)
-        atomic_fetch_sub_explicit(&objs[i]->h->data_waiters, 1, memory_order_relaxed);
     Py_DECREF(seq);
     Py_RETURN_NONE;
 }
