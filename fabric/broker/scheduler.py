@@ -409,6 +409,10 @@ class Scheduler:
             return [(entry.worker, Cancel(task=entry.key, attempt=entry.attempt))]
         return []
 
+    def holds_tasks_of(self, session: bytes) -> bool:
+        """Return True while the scheduler holds tasks or results of client ``session``."""
+        return session in self._clients
+
     def drop_expired(self) -> list[bytes]:
         """Return the keys whose results expired since the last call (to journal as forgotten)."""
         dropped, self._dropped = self._dropped, []
