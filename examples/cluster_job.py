@@ -8,6 +8,7 @@ It prints one line a result with ``--progress`` (``result INDEX NODE``), then th
 summary line ``submitted=N received=N duplicates=0 lost=0 wrong=0``.
 
     python cluster_job.py tcp://broker:5555 --keys /var/lib/fabric/keys --tasks 200
+    python cluster_job.py            # on a throw-away cluster on this machine
 """
 
 from __future__ import annotations
@@ -78,16 +79,19 @@ def run(args: argparse.Namespace) -> int:
     return 0 if duplicates == lost == wrong == 0 else 1
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the job."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("address", help="the broker, e.g. tcp://broker:5555")
+    parser.add_argument(
+        "address", nargs="?", help="the broker, e.g. tcp://broker:5555 (none: a local cluster)"
+    )
     parser.add_argument("--keys", help="the cluster's key directory (fabric keygen)")
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--task-seconds", type=float, default=0.0, help="work time per task")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
     parser.add_argument("--progress", action="store_true", help="print a line per result")
     parser.add_argument("--no-shared-dict", action="store_true")
-    return run(parser.parse_args())
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -48,11 +48,12 @@ def test_one_line_check_passes_and_down_leaves_nothing(
     assert project.leftovers() == {"containers": [], "networks": [], "volumes": []}
 
 
-def test_job_survives_a_killed_worker_container(
+def test_job_survives_a_killed_worker_container_of_four(
     project: compose.Project, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    project("up", "-d", "broker", "worker")
+    project("up", "-d", "--scale", "worker=4", "broker", "worker")
     workers = {compose.container_hostname(c): c for c in project.containers("worker")}
+    assert len(workers) == 4
     run = _job(project, "--tasks", "60", "--task-seconds", "0.5")
     _, node = run.next_result(timeout=300)
     compose.docker("kill", workers[node])  # its other slot is still running a task
