@@ -11,6 +11,7 @@ from fabric.local.context import (
     get_all_start_methods,
     get_context,
     get_start_method,
+    set_forkserver_preload,
     set_start_method,
 )
 from fabric.local.process import (
@@ -119,6 +120,7 @@ __all__: list[str] = [
     "get_context",
     "get_start_method",
     "parent_process",
+    "set_forkserver_preload",
     "set_start_method",
     "wait",
 ]

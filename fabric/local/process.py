@@ -220,6 +220,12 @@ class Process:
 
         self._child_popen("kill").send_signal(signal.SIGKILL)
 
+    def interrupt(self) -> None:
+        """Send SIGINT to the child, raising ``KeyboardInterrupt`` there (as Python 3.14's)."""
+        import signal
+
+        self._child_popen("interrupt").send_signal(signal.SIGINT)
+
     def close(self) -> None:
         """Release the fds held for the child; raise ``ValueError`` while it still runs.
 

@@ -340,7 +340,8 @@ class Connection:
             task.on_result("rejected", f"{message.code}: {message.reason}", b"")
 
     def _next_resend(self, now: float) -> float:
-        times = [t.resend_at for t in self._tasks.values() if t.resend_at]
+        with self._lock:  # user threads add tasks while this walks them
+            times = [t.resend_at for t in self._tasks.values() if t.resend_at]
         return min(times, default=now + 3600.0)
 
     def _resend_rejected(self, now: float) -> None:

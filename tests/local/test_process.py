@@ -225,6 +225,21 @@ def test_terminate_and_kill(ctx: Context, verb: str, sig: int) -> None:
         started.close()
 
 
+def test_interrupt_raises_keyboard_interrupt_in_the_child(ctx: Context) -> None:
+    gate, started = Gate(), Gate()
+    try:
+        proc = ctx.Process(target=block_until_opened, args=(gate.read_end, started.write_end))
+        proc.start()
+        assert wait_gate(started.read_end, TIMEOUT)
+        proc.interrupt()
+        proc.join(TIMEOUT)
+        assert proc.exitcode == 1
+        assert isinstance(proc.exception, KeyboardInterrupt)
+    finally:
+        gate.close()
+        started.close()
+
+
 def test_sentinel_works_with_select_and_wait(ctx: Context) -> None:
     gate = Gate()
     try:
