@@ -148,3 +148,19 @@ def test_imap_unordered_survives_a_crash(tmp_path: Path) -> None:
         crash_once = functools.partial(h.die_once, how="exit")
         results = list(pool.imap_unordered(crash_once, [marker] * 6, 1))
         assert results == ["second try"] * 6
+
+
+def test_idle_worker_killed_from_outside_is_replaced() -> None:
+    with Pool(1) as pool:
+        pid = pool.apply(os.getpid)
+        os.kill(pid, signal.SIGKILL)
+        assert pool.apply(os.getpid) != pid  # waits for the replacement, never hangs
+        stats = pool.statistics()
+        assert (stats.workers, stats.workers_lost, stats.failed) == (1, 1, 0)
+
+
+def test_retries_is_configurable() -> None:
+    with Pool(1, retries=2) as pool, pytest.raises(WorkerLostError) as info:
+        pool.apply(h.die, ("exit",))
+    assert info.value.attempts == 3
+    assert "retries=2" in str(info.value)
