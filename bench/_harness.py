@@ -66,8 +66,9 @@ class Table:
         lines = [
             f"### {self.title}",
             "",
-            f"Unit: {self.unit} ({better} is better); ratio = median / median of "
-            f"`{self.baseline}`." if base else f"Unit: {self.unit} ({better} is better).",
+            f"Unit: {self.unit} ({better} is better); ratio = median / median of `{self.baseline}`."
+            if base
+            else f"Unit: {self.unit} ({better} is better).",
             "",
             "| candidate | min | median | max | ratio |",
             "|---|---:|---:|---:|---:|",

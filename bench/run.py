@@ -1,7 +1,7 @@
 """Run the benchmark families and print (or write) their markdown tables.
 
-    python bench/run.py                 # every family, default repeats
-    python bench/run.py queues --repeats 3 --markdown docs/benchmarks.md
+python bench/run.py                 # every family, default repeats
+python bench/run.py queues --repeats 3 --markdown docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
-    out = [f"# Benchmarks\n\nMachine: {machine()}\n\n"
-           f"Reproduce: `tox -e bench` (or `python bench/run.py --repeats {args.repeats}`).\n"]
+    out = [
+        f"# Benchmarks\n\nMachine: {machine()}\n\n"
+        f"Reproduce: `tox -e bench` (or `python bench/run.py --repeats {args.repeats}`).\n"
+    ]
     for family in args.family or families():
         module = importlib.import_module(f"bench.bench_{family}")
         out.append(f"\n## {family}\n")

@@ -22,9 +22,7 @@ def snippets() -> list[object]:
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for n, m in enumerate(BLOCK.finditer(path.read_text()), 1):
             marks = [pytest.mark.skip(reason=m["reason"])] if m["reason"] else []
-            found.append(
-                pytest.param(m["code"], id=f"{path.relative_to(ROOT)}#{n}", marks=marks)
-            )
+            found.append(pytest.param(m["code"], id=f"{path.relative_to(ROOT)}#{n}", marks=marks))
     return found
 
 

@@ -1,4 +1,4 @@
-"""The layers stay apart: importing fabric or fabric.local never pulls in zmq or the remote layer."""
+"""The layers stay apart: importing fabric or fabric.local never loads zmq or the remote layer."""
 
 import subprocess
 import sys
@@ -21,8 +21,9 @@ def test_import_does_not_load_zmq_or_remote(module: str) -> None:
 def test_leak_fixture_sees_children() -> None:
     from tests.conftest import child_pids
 
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                            stdin=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
     try:
         assert proc.pid in child_pids()
     finally:

@@ -55,7 +55,9 @@ def register(
         action="store_true",
         help="allow a non-loopback bind without keys (anyone may run code)",
     )
-    broker.set_defaults(func=lambda args: _run_broker(args, () if args.no_services else factories))
+    broker.set_defaults(
+        func=lambda args: _reporting(_run_broker, args, () if args.no_services else factories)
+    )
 
     keygen = subparsers.add_parser("keygen", help="create the cluster's CURVE keys in DIR")
     keygen.add_argument("dir", metavar="DIR")
@@ -67,7 +69,7 @@ def register(
         help="a peer key and its roles (default: client, worker, admin)",
     )
     keygen.add_argument("--force", action="store_true", help="overwrite existing keys")
-    keygen.set_defaults(func=_run_keygen)
+    keygen.set_defaults(func=lambda args: _reporting(_run_keygen, args))
 
     status = subparsers.add_parser("status", help="print the cluster seen by a broker")
     status.add_argument("address", nargs="?", default=DEFAULT_BIND)
@@ -75,7 +77,18 @@ def register(
     status.add_argument("--name", default="admin", help="whose key to use (default admin)")
     status.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
-    status.set_defaults(func=_run_status)
+    status.set_defaults(func=lambda args: _reporting(_run_status, args))
+
+
+def _reporting(command: Callable[..., int], *args: Any) -> int:
+    """Run ``command``; turn the errors a user can fix into one line on stderr."""
+    from fabric.errors import FabricError
+
+    try:
+        return command(*args)
+    except (FabricError, OSError, ValueError) as exc:
+        print(f"fabric: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run_broker(args: argparse.Namespace, factories: Iterable[Callable[[], Service]]) -> int:
@@ -91,7 +104,6 @@ def _run_broker(args: argparse.Namespace, factories: Iterable[Callable[[], Servi
         max_tasks=args.max_tasks,
         max_bytes=args.max_bytes,
         max_retries=args.max_retries,
-        liveness_timeout=args.heartbeat * args.liveness,
     )
     broker = Broker(
         args.bind,

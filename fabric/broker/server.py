@@ -18,7 +18,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,6 +28,7 @@ from fabric.broker import protocol as p
 from fabric.broker.auth import ZapHandler, check_libzmq, configure_server, self_test
 from fabric.broker.journal import FsyncPolicy, Journal
 from fabric.broker.keys import Keyring
+from fabric.broker.objects import ObjectRouter
 from fabric.broker.scheduler import Admission, Limits, Out, Scheduler, SchedulerStats
 from fabric.broker.service import Service
 from fabric.errors import AuthenticationError, FabricError, ProtocolError, VersionMismatchError
@@ -37,7 +38,10 @@ __all__ = ["Broker", "BrokerStats", "is_loopback"]
 log = logging.getLogger(__name__)
 
 _BATCH = 1000
-_MAX_PENDING_CALLS = 100_000
+# plain ints: pyzmq's IntFlag arithmetic costs more than the send itself on small messages
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.SNDMORE) | _NOBLOCK
+_ZERO_COPY = 64 * 1024  # below this, copying a frame is cheaper than tracking a zero-copy one
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -116,13 +120,14 @@ class Broker:
                     " on the workers (run `fabric keygen`, or pass insecure=True)"
                 )
             log.warning("INSECURE: broker on %s without CURVE keys; anyone can connect", bind)
-        self._bind = bind.replace(":0", ":*") if bind.endswith(":0") else bind
+        self._bind = bind[:-2] + ":*" if bind.endswith(":0") else bind
         self._journal_path = Path(journal) if journal is not None else None
         self._fsync: FsyncPolicy = fsync
-        self._services = {service.name: service for service in services}
+        self._objects = ObjectRouter(services)
         self.heartbeat = heartbeat
         self.liveness = liveness
-        self._limits = limits or Limits(liveness_timeout=heartbeat * liveness)
+        # the deadline the broker enforces is the one it announces in WELCOME
+        self._limits = replace(limits or Limits(), liveness_timeout=heartbeat * liveness)
         self._max_sessions = max_sessions
         self._max_message_bytes = max_message_bytes
         self._instance = os.urandom(16)
@@ -137,8 +142,6 @@ class Broker:
         self._sessions: dict[bytes, _Session] = {}
         self._routes: dict[bytes, _Session] = {}
         self._owners: dict[bytes, str] = {}  # session id -> the User-Id that owns it
-        self._hosts: dict[str, bytes] = {}  # host name -> session id
-        self._calls: dict[tuple[bytes, int], bytes] = {}  # (caller, call) -> host session
         self._counts = {"malformed": 0, "forbidden": 0, "refused": 0}
         self._outbox: list[Out] = []  # to sessions, sent after the journal commit
         self._direct: list[tuple[bytes, p.Message]] = []  # to connections without a session
@@ -197,8 +200,7 @@ class Broker:
             raise
         finally:
             self._ready.set()
-            for service in self._services.values():
-                service.close()
+            self._objects.close()
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop serving and release the port and the journal; idempotent."""
@@ -321,6 +323,8 @@ class Broker:
                     self._tick(now)
                     next_tick = now + period
                 if journal is not None:
+                    for key in self._sched.drop_expired():
+                        journal.done(key)  # an expired result is never run again
                     journal.commit()
                 self._flush(router, now)
             if wake in events:
@@ -331,7 +335,7 @@ class Broker:
     ) -> None:
         for _ in range(_BATCH):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = router.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
             user = str(frames[0].get("User-Id")) if zap is not None else ""
@@ -350,8 +354,12 @@ class Broker:
         self._outbox.clear()
 
     def _send(self, router: zmq.Socket[bytes], route: bytes, message: p.Message) -> None:
+        *parts, last = p.encode(message)
         try:
-            router.send_multipart([route, *p.encode(message)], zmq.NOBLOCK, copy=False)
+            router.send(route, _MORE)
+            for part in parts:
+                router.send(part, _MORE, copy=len(part) < _ZERO_COPY)
+            router.send(last, _NOBLOCK, copy=len(last) < _ZERO_COPY)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (peer not reading)
             log.info("dropped %s to a peer that cannot take it: %s", type(message).__name__, exc)
 
@@ -432,7 +440,7 @@ class Broker:
         elif hello.role in ("client", "host"):
             self._outbox += self._sched.add_client(session.id, now)
             if hello.role == "host":
-                self._hosts[hello.name] = session.id
+                self._objects.add_host(hello.name, session.id)
         else:
             self._sched.add_peer(session.id, now)
         log.info(
@@ -459,11 +467,9 @@ class Broker:
         if old is not None and old.role != hello.role:
             return p.Refuse("session", f"this session is a {old.role}, not a {hello.role}")
         if hello.role == "host":
-            if hello.name in self._services:
-                return p.Refuse("name", f"host name {hello.name!r} is the broker's own")
-            holder = self._hosts.get(hello.name)
-            if holder is not None and holder != hello.session:
-                return p.Refuse("name", f"another host is already named {hello.name!r}")
+            taken = self._objects.refusal(hello.name, hello.session)
+            if taken is not None:
+                return p.Refuse("name", taken)
         if old is None and len(self._sessions) >= self._max_sessions:
             return p.Refuse("busy", f"the broker holds {self._max_sessions} sessions")
         return None
@@ -490,9 +496,9 @@ class Broker:
             case p.Cancel(task=task):
                 out += sched.cancel(sid, task, now)
             case p.Create() | p.Call():
-                self._object_call(session, message)
+                out += self._objects.call(sid, message)
             case p.Reply():
-                self._object_reply(session, message)
+                out += self._objects.reply(sid, message)
             case p.Status():
                 out.append((sid, p.Stats(self._stats_map(now))))
             case p.Bye():
@@ -501,50 +507,6 @@ class Broker:
                 log.info("%s %r reports error %r: %r", session.role, session.name, code, text)
             case _:  # Heartbeat: touching the session was all
                 pass
-
-    def _object_call(self, session: _Session, message: p.Create | p.Call) -> None:
-        service = self._services.get(message.host)
-        if service is not None:
-            try:
-                self._outbox += list(service.handle(session.id, message))
-            except Exception as exc:  # a service bug must not take the broker down
-                log.exception("service %r failed on call %d", message.host, message.call)
-                self._outbox.append((session.id, p.Reply(message.call, "error", repr(exc))))
-            return
-        host = self._hosts.get(message.host)
-        if host is None or len(self._calls) >= _MAX_PENDING_CALLS:
-            text = f"no object host named {message.host!r} is connected"
-            self._outbox.append((session.id, p.Reply(message.call, "no-host", text)))
-            return
-        self._calls[(session.id, message.call)] = host
-        forwarded: p.Message
-        if isinstance(message, p.Create):
-            forwarded = p.Create(
-                message.host,
-                message.call,
-                message.typeid,
-                message.name,
-                session.id,
-                message.payload,
-            )
-        else:
-            forwarded = p.Call(
-                message.host,
-                message.call,
-                message.object,
-                message.method,
-                session.id,
-                message.payload,
-            )
-        self._outbox.append((host, forwarded))
-
-    def _object_reply(self, session: _Session, reply: p.Reply) -> None:
-        if self._calls.get((reply.session, reply.call)) != session.id:
-            log.info("dropped a REPLY from host %r for a call not pending there", session.name)
-            return
-        del self._calls[(reply.session, reply.call)]
-        back = p.Reply(reply.call, reply.status, reply.message, b"", reply.payload)
-        self._outbox.append((reply.session, back))
 
     def _end(self, session: _Session, now: float, reason: str | None) -> None:
         """End a session: BYE (``reason`` None) or lost."""
@@ -562,22 +524,7 @@ class Broker:
         )
 
     def _session_gone(self, sid: bytes) -> None:
-        for name, host in list(self._hosts.items()):
-            if host == sid:
-                del self._hosts[name]
-        for (caller, call), host in list(self._calls.items()):
-            if host == sid:
-                del self._calls[(caller, call)]
-                text = "the object host was lost before it replied"
-                self._outbox.append((caller, p.Reply(call, "host-lost", text)))
-            elif caller == sid:
-                del self._calls[(caller, call)]
-        for service in self._services.values():
-            try:
-                self._outbox += list(service.peer_lost(sid))
-            except Exception:
-                log.exception("service %r failed to release session %s", service.name, sid.hex())
-        self._outbox += [(host, p.Gone(sid)) for host in self._hosts.values()]
+        self._outbox += self._objects.session_gone(sid)
 
     def _tick(self, now: float) -> None:
         if not self._done_samples or now - self._done_samples[-1][0] >= 0.25:
@@ -591,6 +538,10 @@ class Broker:
                     del self._routes[session.route]
                 self._session_gone(sid)
                 log.warning("%s %r lost: no heartbeat", session.role, session.name)
+        # a session's owner is remembered while it lives or has tasks, so memory stays bounded
+        for sid in [sid for sid in self._owners if sid not in self._sessions]:
+            if not self._sched.holds_tasks_of(sid):
+                del self._owners[sid]
         self._outbox += [
             (s.id, p.Heartbeat())
             for s in self._sessions.values()
@@ -613,7 +564,7 @@ class Broker:
         return BrokerStats(
             tasks=self._sched.statistics(time.monotonic()),
             sessions=len(self._sessions),
-            hosts=len(self._hosts),
+            hosts=len(self._objects.hosts),
             malformed=self._counts["malformed"],
             forbidden=self._counts["forbidden"],
             refused=self._counts["refused"],

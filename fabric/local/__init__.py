@@ -11,10 +11,9 @@ from fabric.local.context import (
     get_all_start_methods,
     get_context,
     get_start_method,
+    set_forkserver_preload,
     set_start_method,
 )
-from fabric.local.executor import Executor
-from fabric.local.pool import Pool
 from fabric.local.process import (
     ExceptHookArgs,
     Process,
@@ -26,35 +25,91 @@ from fabric.local.process import (
     excepthook,
     parent_process,
 )
-from fabric.local.synchronize import (
-    Barrier,
-    BoundedSemaphore,
-    BrokenBarrierError,
-    Condition,
-    Event,
-    Lock,
-    OwnerDiedWarning,
-    RLock,
-    Semaphore,
-)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from fabric.local.connection import Connection, Pipe, wait
+    from fabric.local.executor import Executor
+    from fabric.local.pool import Pool
+    from fabric.local.queues import JoinableQueue, Queue, SimpleQueue
+    from fabric.local.sharedctypes import Array, RawArray, RawValue, Value
+    from fabric.local.synchronize import (
+        Barrier,
+        BoundedSemaphore,
+        BrokenBarrierError,
+        Condition,
+        Event,
+        Lock,
+        OwnerDiedWarning,
+        RLock,
+        Semaphore,
+    )
+
+# Imported on first use (add new public names here): every spawned child imports
+# this package before its target runs, and these modules pull in typing, ctypes,
+# concurrent.futures and cloudpickle (~30 ms). The fork server preloads them all.
+_LAZY = {
+    "Executor": "fabric.local.executor",
+    "Pool": "fabric.local.pool",
+    "JoinableQueue": "fabric.local.queues",
+    "Queue": "fabric.local.queues",
+    "SimpleQueue": "fabric.local.queues",
+    "Connection": "fabric.local.connection",
+    "Pipe": "fabric.local.connection",
+    "wait": "fabric.local.connection",
+    "Array": "fabric.local.sharedctypes",
+    "RawArray": "fabric.local.sharedctypes",
+    "RawValue": "fabric.local.sharedctypes",
+    "Value": "fabric.local.sharedctypes",
+    "Barrier": "fabric.local.synchronize",
+    "BoundedSemaphore": "fabric.local.synchronize",
+    "BrokenBarrierError": "fabric.local.synchronize",
+    "Condition": "fabric.local.synchronize",
+    "Event": "fabric.local.synchronize",
+    "Lock": "fabric.local.synchronize",
+    "OwnerDiedWarning": "fabric.local.synchronize",
+    "RLock": "fabric.local.synchronize",
+    "Semaphore": "fabric.local.synchronize",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__: list[str] = [
+    "Array",
     "Barrier",
     "BoundedSemaphore",
     "BrokenBarrierError",
     "Condition",
+    "Connection",
     "Context",
     "Event",
     "ExceptHookArgs",
     "ExceptionProxy",
     "Executor",
+    "JoinableQueue",
     "Lock",
     "OwnerDiedWarning",
+    "Pipe",
     "Pool",
     "Process",
+    "Queue",
     "RLock",
+    "RawArray",
+    "RawValue",
     "RemoteTraceback",
     "Semaphore",
+    "SimpleQueue",
+    "Value",
     "active_children",
     "active_count",
     "cpu_count",
@@ -65,5 +120,7 @@ __all__: list[str] = [
     "get_context",
     "get_start_method",
     "parent_process",
+    "set_forkserver_preload",
     "set_start_method",
+    "wait",
 ]

@@ -32,8 +32,6 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import fcntl
-import itertools
 import logging
 import mmap
 import os
@@ -42,111 +40,34 @@ import selectors
 import signal
 import sys
 import threading
-import types
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor
-from typing import Any, NamedTuple
+from typing import Any
 
 import cloudpickle
 
 from fabric.errors import WorkerLostError
+from fabric.local import _pool_launch as launch
 from fabric.local import _pool_wire as wire
 from fabric.local import _pool_worker
 from fabric.local._exceptions import ExceptionProxy, restore
+from fabric.local._pool_launch import WorkerHandle
+from fabric.local._pool_task import Statistics, Task, TerminatedError
 
-__all__ = ["DEFAULT_RETRIES", "Engine", "Statistics", "Task", "TerminatedError"]
+__all__ = ["Engine"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETRIES = 1
 _QUEUE_AHEAD_S = 0.004  # work queued per worker: hides a round trip, keeps the tail even
 _MAX_BATCH = 1024
 _EWMA = 0.2
-_PIPE_SIZE = 1 << 20
 _READ_SIZE = 1 << 20
-_START_METHODS = ("fork", "spawn")
 _EARLY_DEATHS = 3  # workers dying before READY this many times in a row break the pool
-_task_ids = itertools.count(1)
-
-
-class TerminatedError(BrokenExecutor):
-    """The pool was terminated (or collected) before the task finished."""
-
-
-class Statistics(NamedTuple):
-    """A snapshot of a pool's counters."""
-
-    workers: int
-    pending: int
-    running: int
-    done: int
-    failed: int
-    workers_lost: int
-    retries: int
-
-
-class Task:
-    """One unit sent to a worker; subclasses say where its result goes."""
-
-    __slots__ = ("args", "attempts", "fn", "id", "kind", "kwargs", "payload")
-
-    def __init__(self, fn: Callable[..., Any], kind: int, args: Any, kwargs: Any = None) -> None:
-        self.id = next(_task_ids)
-        self.fn = fn
-        self.kind = kind
-        self.args = args
-        self.kwargs = kwargs
-        self.payload: bytes | None = None
-        self.attempts = 0
-
-    def claim(self) -> bool:
-        """Return False if the task was cancelled and must not run."""
-        return True
-
-    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        """Hand over the result (``ok``) or the exception; called once, on the loop."""
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
-        return f"task {self.id} ({name})"
-
-
-class _Worker:
-    __slots__ = (
-        "inbuf",
-        "index",
-        "inflight",
-        "out_fd",
-        "outbuf",
-        "pid",
-        "pidfd",
-        "ready",
-        "retiring",
-        "sent",
-        "task_fd",
-    )
-
-    def __init__(self, index: int, pid: int, task_fd: int, out_fd: int) -> None:
-        self.index = index
-        self.pid = pid
-        self.task_fd = task_fd
-        self.out_fd = out_fd
-        self.pidfd = os.pidfd_open(pid)
-        self.inflight: dict[int, Task] = {}
-        self.outbuf = bytearray()
-        self.inbuf = bytearray()
-        self.sent = 0
-        self.retiring = False
-        self.ready = False
-
-    def fds(self) -> list[int]:
-        return [self.task_fd, self.out_fd, self.pidfd]
 
 
 _RUNNING, _CLOSING, _TERMINATING = "running", "closing", "terminating"
+_FORKED = "forked"  # seen from a child forked off the pool's process
 
 
 class Engine:
@@ -161,8 +82,10 @@ class Engine:
         retries: int,
         start_method: str,
     ) -> None:
-        if start_method not in _START_METHODS:
-            raise ValueError(f"start_method must be one of {_START_METHODS}, not {start_method!r}")
+        if start_method not in launch.START_METHODS:
+            raise ValueError(
+                f"the pool starts workers with one of {launch.START_METHODS}, not {start_method!r}"
+            )
         config = _pool_worker.WorkerConfig(initializer, initargs, maxtasks, list(sys.path))
         self._config = wire.encode(wire.CONFIG, cloudpickle.dumps(config, 5))
         self.processes = processes
@@ -170,15 +93,15 @@ class Engine:
         self._retries = retries
         self._spawn = start_method == "spawn"
         self._pending: collections.deque[Task] = collections.deque()
-        self._workers: list[_Worker | None] = [None] * processes
-        self._by_fd: dict[int, _Worker] = {}
+        self._workers: list[WorkerHandle | None] = [None] * processes
+        self._by_fd: dict[int, WorkerHandle] = {}
         self._state = _RUNNING
         self._broken: BrokenExecutor | None = None
         self._sleeping = False
         self._task_time = 0.0  # EWMA of seconds per task, 0 until measured
         self._done = self._failed = self._lost = self._retried = 0
         self._early_deaths = 0
-        self._ref_blobs: dict[int, tuple[Callable[..., Any], bytes]] = {}
+        self._pickler = wire.Pickler(self._spawn)
         self._slots_fd = os.memfd_create("fabric-pool-slots", os.MFD_CLOEXEC)
         os.ftruncate(self._slots_fd, max(mmap.PAGESIZE, processes * _pool_worker.SLOT_STRIDE))
         self._slots = mmap.mmap(self._slots_fd, 0)
@@ -187,6 +110,9 @@ class Engine:
         self._selector = selectors.EpollSelector()
         self._selector.register(self._wake_fd, selectors.EVENT_READ)
         self._stopped = threading.Event()
+        # Set by Executor: once shut down, its queued work finishes even at interpreter
+        # exit, as concurrent.futures does; a pool (or a running executor) is terminated.
+        self.drain_at_exit = False
         self._thread = threading.Thread(target=self._run, name="fabric-pool", daemon=True)
         _live.add(self)
         self._thread.start()
@@ -210,24 +136,37 @@ class Engine:
             self._wake()
 
     def _refuse(self) -> None:
+        if self._state == _FORKED:
+            raise RuntimeError("this pool belongs to the process that forked this one")
         if self._broken is not None:
             raise BrokenExecutor(str(self._broken)) from self._broken.__cause__
         raise ValueError("the pool is not running (closed or terminated)")
 
     def close(self) -> None:
         """Accept no more tasks; workers exit once the queued ones are done."""
-        if self._state == _RUNNING:
+        if self._state == _RUNNING:  # (not _FORKED: the parent's pool is not ours to close)
             self._state = _CLOSING
             self._wake()
 
     def terminate(self) -> None:
         """Kill the workers now; unfinished tasks fail with TerminatedError."""
-        self._state = _TERMINATING
-        self._wake()
+        if self._state != _FORKED:
+            self._state = _TERMINATING
+            self._wake()
+
+    def _orphan(self) -> None:
+        self._state = _FORKED
+        self._wake_fd = -1  # the parent's: ringing it would only wake the parent
+        self._stopped = threading.Event()
+        self._stopped.set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the loop to finish; return True if it has."""
         return self._stopped.wait(timeout)
+
+    @property
+    def closing(self) -> bool:
+        return self._state == _CLOSING
 
     @property
     def accepting(self) -> bool:
@@ -318,7 +257,7 @@ class Engine:
 
     # -- dispatch --------------------------------------------------------------
 
-    def _credit(self, worker: _Worker) -> int:
+    def _credit(self, worker: WorkerHandle) -> int:
         if worker.retiring:
             return 0
         if self._task_time <= 0:
@@ -352,7 +291,7 @@ class Engine:
             if not self._pending:
                 return
 
-    def _send(self, worker: _Worker, batch: list[Task]) -> None:
+    def _send(self, worker: WorkerHandle, batch: list[Task]) -> None:
         blobs: list[bytes] = []
         index: dict[int, int] = {}
         items = []
@@ -361,9 +300,9 @@ class Engine:
                 fn_index = index.get(id(task.fn))
                 if fn_index is None:
                     fn_index = index[id(task.fn)] = len(blobs)
-                    blobs.append(self._function_blob(task.fn))
+                    blobs.append(self._pickler.function(task.fn))
                 if task.payload is None:
-                    task.payload = self._dumps(
+                    task.payload = self._pickler.dumps(
                         (task.args, task.kwargs) if task.kind == wire.CALL else task.args
                     )
             except Exception as exc:
@@ -379,34 +318,7 @@ class Engine:
         worker.outbuf += wire.encode(wire.TASKS, (blobs, items))
         self._flush(worker)
 
-    def _function_blob(self, fn: Callable[..., Any]) -> bytes:
-        # A module-level function pickles by reference, so its bytes never go stale
-        # and can be cached; anything pickled by value is pickled afresh per batch.
-        cached = self._ref_blobs.get(id(fn))
-        if cached is not None and cached[0] is fn:
-            return cached[1]
-        by_reference = (
-            isinstance(fn, types.FunctionType | types.BuiltinFunctionType)
-            and fn.__module__ != "__main__"
-            and "<locals>" not in fn.__qualname__
-            and fn.__name__ != "<lambda>"
-        )
-        blob = self._dumps(fn)
-        if by_reference:
-            if len(self._ref_blobs) > 256:
-                self._ref_blobs.clear()
-            self._ref_blobs[id(fn)] = (fn, blob)
-        return blob
-
-    def _dumps(self, obj: object) -> bytes:
-        if not self._spawn:  # a forked worker shares our __main__, so plain pickle suffices
-            try:
-                return pickle.dumps(obj, 5)
-            except Exception:
-                pass
-        return cloudpickle.dumps(obj, 5)  # type: ignore[no-any-return]
-
-    def _flush(self, worker: _Worker) -> None:
+    def _flush(self, worker: WorkerHandle) -> None:
         try:
             while worker.outbuf:
                 written = os.write(worker.task_fd, worker.outbuf)
@@ -421,7 +333,7 @@ class Engine:
         else:
             self._unregister(worker.task_fd)
 
-    def _register(self, fd: int, events: int, worker: _Worker) -> None:
+    def _register(self, fd: int, events: int, worker: WorkerHandle) -> None:
         try:
             self._selector.register(fd, events)
         except KeyError:
@@ -434,7 +346,7 @@ class Engine:
 
     # -- results ---------------------------------------------------------------
 
-    def _read(self, worker: _Worker) -> bool:
+    def _read(self, worker: WorkerHandle) -> bool:
         """Take what the worker sent; return False at end of file."""
         while True:
             try:
@@ -451,7 +363,7 @@ class Engine:
             if len(data) < _READ_SIZE:
                 return True
 
-    def _parse(self, worker: _Worker) -> None:
+    def _parse(self, worker: WorkerHandle) -> None:
         buf, pos, size = worker.inbuf, 0, wire.HEADER.size
         while len(buf) - pos >= size:
             (length,) = wire.HEADER.unpack_from(buf, pos)
@@ -462,7 +374,7 @@ class Engine:
             self._on_message(worker, kind, body)
         del buf[:pos]
 
-    def _on_message(self, worker: _Worker, kind: str, body: Any) -> None:
+    def _on_message(self, worker: WorkerHandle, kind: str, body: Any) -> None:
         if kind == wire.DONE:
             total = 0.0
             inflight, loads = worker.inflight, pickle.loads
@@ -513,57 +425,18 @@ class Engine:
 
     def _start_worker(self, index: int) -> None:
         _pool_worker.SLOT.pack_into(self._slots, index * _pool_worker.SLOT_STRIDE, 0)
-        task_r, task_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        for fd in (task_w, out_r):
-            # Past /proc/sys/fs/pipe-max-size this fails; the default size works, slower.
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-        try:
-            pid = self._launch(index, task_r, out_w, [task_w, out_r])
-        finally:
-            os.close(task_r)
-            os.close(out_w)
-        os.set_blocking(task_w, False)
-        os.set_blocking(out_r, False)
-        worker = _Worker(index, pid, task_w, out_r)
+        parent_only = [self._wake_fd, self._selector.fileno()]
+        for other in self._workers:
+            if other is not None:
+                parent_only += other.fds()
+        worker = launch.start(index, self._spawn, self._slots_fd, parent_only)
         self._workers[index] = worker
         for fd in (worker.pidfd, worker.out_fd):
             self._register(fd, selectors.EVENT_READ, worker)
         worker.outbuf += self._config
         self._flush(worker)
 
-    def _launch(self, index: int, task_r: int, out_w: int, parent_ends: list[int]) -> int:
-        if self._spawn:
-            return self._posix_spawn(index, task_r, out_w)
-        drop = [*parent_ends, self._wake_fd, self._selector.fileno()]
-        for worker in self._workers:
-            if worker is not None:
-                drop += worker.fds()
-        parent = os.getpid()
-        with warnings.catch_warnings():  # fork from the loop thread is what we mean to do
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:
-            _pool_worker.fork_main(parent, task_r, out_w, self._slots_fd, index, drop)
-        return pid
-
-    def _posix_spawn(self, index: int, task_r: int, out_w: int) -> int:
-        fds = [task_r, out_w, self._slots_fd]
-        for fd in fds:
-            os.set_inheritable(fd, True)
-        try:
-            code = (
-                f"import sys; sys.path[:] = {list(sys.path)!r}; "
-                "from fabric.local._pool_worker import spawn_main; spawn_main()"
-            )
-            argv = [sys.executable, "-c", code, str(os.getpid()), *map(str, fds), str(index)]
-            return os.posix_spawn(sys.executable, argv, os.environ, setpgroup=0)
-        finally:
-            for fd in fds:
-                os.set_inheritable(fd, False)
-
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, worker: WorkerHandle) -> None:
         self._read(worker)  # results sent before the death still count
         _, status = os.waitpid(worker.pid, 0)
         code = os.waitstatus_to_exitcode(status)
@@ -575,7 +448,10 @@ class Engine:
         if lost:
             self._lost += 1
             log.warning(
-                "pool worker %d (pid %d) exited: %s", worker.index, worker.pid, _cause(code)
+                "pool worker %d (pid %d) exited: %s",
+                worker.index,
+                worker.pid,
+                launch.describe_exit(code),
             )
         for task in reversed(list(worker.inflight.values())):
             if task.id == running:
@@ -587,13 +463,13 @@ class Engine:
             if self._early_deaths >= _EARLY_DEATHS:
                 reason = (
                     f"{_EARLY_DEATHS} workers in a row died before they were ready; "
-                    f"the last one {_cause(code)}"
+                    f"the last one {launch.describe_exit(code)}"
                 )
                 self._break(reason, None)
         if self._broken is None and (self._state == _RUNNING or self._pending):
             self._start_worker(worker.index)
 
-    def _charge(self, task: Task, worker: _Worker, code: int) -> None:
+    def _charge(self, task: Task, worker: WorkerHandle, code: int) -> None:
         task.attempts += 1
         if task.attempts <= self._retries:
             self._retried += 1
@@ -606,7 +482,7 @@ class Engine:
             return
         message = (
             f"worker {worker.index} (pid {worker.pid}) was lost running {task.describe()}: "
-            f"{_cause(code)}; the task took down {task.attempts} worker(s) "
+            f"{launch.describe_exit(code)}; the task took down {task.attempts} worker(s) "
             f"(retries={self._retries})"
         )
         error = WorkerLostError(
@@ -614,7 +490,7 @@ class Engine:
         )
         self._finish(task, False, error, 0.0)
 
-    def _forget(self, worker: _Worker) -> None:
+    def _forget(self, worker: WorkerHandle) -> None:
         for fd in worker.fds():
             self._unregister(fd)
             self._by_fd.pop(fd, None)
@@ -671,25 +547,28 @@ class Engine:
             self._stopped.set()
 
 
-def _cause(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 # Pools still running at interpreter exit are terminated, so Ctrl-C or an
 # uncaught exception never leaves workers behind. A weak set: it keeps no pool
 # alive, and each pool removes itself when its loop ends.
 _live: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
+def _orphan_all() -> None:
+    for engine in list(_live):
+        engine._orphan()
+    _live.clear()
+
+
+# A forked child inherits the pools but not their threads or workers: not its to
+# use or stop.
+os.register_at_fork(after_in_child=_orphan_all)
+
+
 @atexit.register
 def _terminate_live() -> None:
     engines = list(_live)
     for engine in engines:
-        engine.terminate()
+        if not (engine.drain_at_exit and engine.closing):
+            engine.terminate()
     for engine in engines:
-        engine.join(5.0)
+        engine.join(None if engine.drain_at_exit and engine.closing else 5.0)

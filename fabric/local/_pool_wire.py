@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import types
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "STAR",
     "STOP",
     "TASKS",
+    "Pickler",
     "encode",
     "read_frame",
     "write_all",
@@ -64,3 +67,45 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+class Pickler:
+    """Pickle what the parent sends: plain pickle where the worker can take it, else cloudpickle.
+
+    A forked worker shares the parent's ``__main__``, so the plain pickler (by
+    reference, fast) suffices whenever it works; a spawned one gets cloudpickle
+    throughout, which carries ``__main__`` functions and classes by value.
+    """
+
+    def __init__(self, spawn: bool) -> None:
+        self._spawn = spawn
+        self._by_reference: dict[int, tuple[Callable[..., Any], bytes]] = {}
+
+    def dumps(self, obj: object) -> bytes:
+        if not self._spawn:
+            try:
+                return pickle.dumps(obj, 5)
+            except Exception:
+                pass
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, 5)  # type: ignore[no-any-return]
+
+    def function(self, fn: Callable[..., Any]) -> bytes:
+        # A module-level function pickles by reference, so its bytes never go stale
+        # and are cached; anything pickled by value is pickled afresh per batch,
+        # so a closure's or a global's later changes are seen, as with multiprocessing.
+        cached = self._by_reference.get(id(fn))
+        if cached is not None and cached[0] is fn:
+            return cached[1]
+        blob = self.dumps(fn)
+        if (
+            isinstance(fn, types.FunctionType | types.BuiltinFunctionType)
+            and fn.__module__ != "__main__"
+            and "<locals>" not in fn.__qualname__
+            and fn.__name__ != "<lambda>"
+        ):
+            if len(self._by_reference) > 256:
+                self._by_reference.clear()
+            self._by_reference[id(fn)] = (fn, blob)
+        return blob

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from fabric.local import _pool_wire as wire
-from fabric.local._pool_engine import Engine, Task
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import Task, TerminatedError
 
 __all__ = ["AsyncResult", "CallTask", "IMapIterator", "MapResult", "chunk_bounds"]
 
@@ -31,17 +33,18 @@ def chunk_bounds(length: int, processes: int, chunksize: int | None) -> list[int
     """Return the start of each chunk of ``map``, then ``length``.
 
     A given ``chunksize`` cuts equal chunks. Otherwise chunks shrink as the map
-    goes (guided scheduling): each is an eighth of what is left per worker, never
-    under 1/64 of a worker's share, so the first chunks are big and cheap and the
-    last ones small enough to even out the finish when one worker runs slow.
+    goes (guided scheduling): each is a quarter of what is left per worker, never
+    under 1/16 of a worker's share, so the first chunks are as big as
+    ``multiprocessing``'s and the last ones small enough to even out the finish
+    when one worker runs slow.
     """
     if chunksize is not None:
         return [*range(0, length, chunksize), length]
-    floor = max(1, -(-length // (64 * processes)))
+    floor = max(1, -(-length // (16 * processes)))
     bounds, start = [], 0
     while start < length:
         bounds.append(start)
-        start += max(floor, -(-(length - start) // (8 * processes)))
+        start += max(floor, -(-(length - start) // (4 * processes)))
     return [*bounds, length]
 
 
@@ -246,6 +249,10 @@ class IMapIterator(Iterator[T], _ChunkSink):
         self._order: collections.deque[int] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
         self._current: Iterator[Any] = iter(())
+        self._taken: collections.deque[tuple[bool, Any]] = collections.deque()
+        self._feeding = threading.Lock()  # the caller and Pool.close() may both feed
+        self._input_error: Exception | None = None
+        self._cut_short = False  # the pool stopped before all input was sent
         self._refill()
 
     def __iter__(self) -> IMapIterator[T]:
@@ -258,53 +265,91 @@ class IMapIterator(Iterator[T], _ChunkSink):
         """Return the next result; TimeoutError if none comes within ``timeout``."""
         for value in self._current:
             return value  # type: ignore[no-any-return]
-        ok, value = self._take(timeout)
+        if not self._taken:
+            self._take(timeout)
+        ok, value = self._taken.popleft()
         if not ok:
             raise value
         self._current = iter(value)  # a chunk's result holds one value per item, never none
         return next(self._current)  # type: ignore[no-any-return]
 
-    def _take(self, timeout: float | None) -> tuple[bool, Any]:
+    def _take(self, timeout: float | None) -> None:
+        """Move every chunk result that may be handed out now to ``_taken``; wait for one."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._refill()
+        if self._outstanding < self._window // 2:  # refill in bulk, not one chunk per item
+            self._refill()
         with self._cond:
-            while True:
-                seq = self._next_seq if self._ordered else (self._order[0] if self._order else -1)
-                if seq in self._ready:
-                    ok, value, items = self._ready.pop(seq)
-                    if not self._ordered:
-                        self._order.popleft()
-                    self._next_seq += 1
-                    break
+            while not self._pop_ready():
                 if self._input is None and self._next_seq >= self._seq:
                     self._progress_close()
+                    if self._cut_short:
+                        raise TerminatedError("the pool was terminated before all input was sent")
                     raise StopIteration
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no result within {timeout} s")
+                if self._input is not None and self._outstanding < self._window:
+                    self._cond.release()  # feed the workers rather than wait for them
+                    try:
+                        self._refill()
+                    finally:
+                        self._cond.acquire()
+                    continue
                 self._cond.wait(remaining)
-        self._outstanding -= items  # only the caller's thread touches the count
-        return ok, value
 
-    def _refill(self) -> None:
-        """Read input and submit chunks while the window has room."""
-        tasks = []
-        while self._input is not None and self._outstanding < self._window:
-            size = self._chunk()
-            items = []
-            try:
-                for _ in range(size):
-                    items.append(next(self._input))
-            except StopIteration:
-                self._input = None
-            if not items:
-                break
-            tasks.append(_ChunkTask(self, self._fn, self._star, self._seq, self._start, items))
-            self._seq += 1
-            self._start += len(items)
-            self._outstanding += len(items)
-        if tasks:
-            self._engine.submit_many(tasks)
+    def _pop_ready(self) -> bool:
+        while True:
+            seq = self._next_seq if self._ordered else (self._order[0] if self._order else -1)
+            if seq not in self._ready:
+                return bool(self._taken)
+            ok, value, items = self._ready.pop(seq)
+            if not self._ordered:
+                self._order.popleft()
+            self._next_seq += 1
+            self._outstanding -= items  # only the caller's thread touches the count
+            self._taken.append((ok, value))
+
+    def _refill(self, window: float | None = None) -> None:
+        """Read input and submit chunks while fewer than ``window`` items are out."""
+        with self._feeding:
+            if self._input is not None and not self._engine.accepting:
+                self._input, self._cut_short = None, True
+            tasks = []
+            limit = self._window if window is None else window
+            while self._input is not None and self._outstanding < limit:
+                items = self._read(self._chunk())
+                if items:
+                    task = _ChunkTask(self, self._fn, self._star, self._seq, self._start, items)
+                    tasks.append(task)
+                    self._seq += 1
+                    self._start += len(items)
+                    self._outstanding += len(items)
+            if self._input_error is not None:
+                with self._cond:
+                    self._ready[self._seq] = (False, self._input_error, 0)
+                    self._order.append(self._seq)
+                    self._cond.notify()
+                self._seq += 1
+                self._input_error = None
+            if tasks:
+                self._engine.submit_many(tasks)
+
+    def _read(self, size: int) -> list[Any]:
+        items: list[Any] = []
+        assert self._input is not None
+        try:
+            for _ in range(size):
+                items.append(next(self._input))
+        except StopIteration:
+            self._input = None
+        except Exception as exc:  # raised in its place, after the items read before it
+            self._input = None
+            self._input_error = exc
+        return items
+
+    def submit_rest(self) -> None:
+        """Read and submit all the remaining input now (the pool is closing)."""
+        self._refill(math.inf)
 
     def _chunk(self) -> int:
         if self._fixed is not None:

@@ -20,7 +20,8 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, ParamSpec, TypeVar
 
 from fabric.local import _pool_wire as wire
-from fabric.local._pool_engine import DEFAULT_RETRIES, Engine, Statistics, Task
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import DEFAULT_RETRIES, Statistics, Task
 from fabric.local.pool import _start_method, default_processes
 
 __all__ = ["Executor"]
@@ -92,6 +93,7 @@ class Executor(_Executor):
             retries,
             _start_method(mp_context),
         )
+        self._engine.drain_at_exit = True
         self._shutdown = False
 
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
@@ -126,7 +128,8 @@ class Executor(_Executor):
             futures.append(future)
             tasks.append(_FutureTask(fn, wire.STAR, chunk, None, future))
         self._engine.submit_many(tasks)
-        return _results(futures, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout  # from this call
+        return _results(futures, deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; finish (or, with ``cancel_futures``, cancel) what is queued."""
@@ -136,6 +139,15 @@ class Executor(_Executor):
         self._engine.close()
         if wait:
             self._engine.join()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        # Ctrl-C inside the block: do not wait for running tasks, stop the workers.
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._shutdown = True
+            self._engine.terminate()
+            self._engine.join()
+        else:
+            self.shutdown(wait=True)
 
     def statistics(self) -> Statistics:
         """Return a snapshot of the executor's counters."""
@@ -151,8 +163,7 @@ def _cancel(task: Task) -> bool:
     return isinstance(task, _FutureTask) and task.future.cancel()
 
 
-def _results(futures: list[Future[list[R]]], timeout: float | None) -> Iterator[R]:
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _results(futures: list[Future[list[R]]], deadline: float | None) -> Iterator[R]:
     try:
         for future in futures:
             remaining = None if deadline is None else deadline - time.monotonic()

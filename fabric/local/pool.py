@@ -18,14 +18,24 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, TypeVar
 
-from fabric.local._pool_engine import DEFAULT_RETRIES, Engine, Statistics
+from fabric.local._pool_engine import Engine
+from fabric.local._pool_task import DEFAULT_RETRIES, Statistics, TerminatedError
 from fabric.local._progress import Progress, progress_bar
 from fabric.local._results import AsyncResult, CallTask, IMapIterator, MapResult, chunk_bounds
 
-__all__ = ["DEFAULT_RETRIES", "AsyncResult", "IMapIterator", "MapResult", "Pool", "Statistics"]
+__all__ = [
+    "DEFAULT_RETRIES",
+    "AsyncResult",
+    "IMapIterator",
+    "MapResult",
+    "Pool",
+    "Statistics",
+    "TerminatedError",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -90,6 +100,7 @@ class Pool:
             _start_method(context),
         )
         self._closed = False
+        self._feeders: weakref.WeakSet[IMapIterator[Any]] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         state = "running" if self._engine.accepting else "closed"
@@ -220,14 +231,22 @@ class Pool:
         self._check_running()
         total = len(iterable) if isinstance(iterable, Sized) else None
         bar = progress_bar(progress, total, getattr(func, "__name__", "imap"))
-        return IMapIterator(
+        iterator: IMapIterator[R] = IMapIterator(
             self._engine, func, iterable, _check_chunksize(chunksize), ordered, progress=bar
         )
+        self._feeders.add(iterator)
+        return iterator
 
     # -- life cycle ------------------------------------------------------------
 
     def close(self) -> None:
-        """Accept no more work; the workers exit once the queued tasks are done."""
+        """Accept no more work; the workers exit once the queued tasks are done.
+
+        Running ``imap`` iterators read the rest of their input now, as
+        ``multiprocessing`` does, so their results all arrive.
+        """
+        for iterator in list(self._feeders):
+            iterator.submit_rest()
         self._closed = True
         self._engine.close()
 
@@ -258,8 +277,8 @@ class Pool:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, stacklevel=2)
             self._engine.terminate()
+            warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, stacklevel=2)
 
     def _check_running(self) -> None:
         if self._closed or not self._engine.accepting:

@@ -136,7 +136,7 @@ class Lock(_sync.Lock):
     free lock and releasing it are single atomic operations.
     """
 
-    __slots__ = ("_block",)
+    __slots__ = ("__weakref__", "_block")
     _block: _shm.Block
 
     def __new__(cls) -> Self:
@@ -162,7 +162,7 @@ class RLock(_sync.RLock):
     anyone else gets ``RuntimeError``.
     """
 
-    __slots__ = ("_block",)
+    __slots__ = ("__weakref__", "_block")
     _block: _shm.Block
 
     def __new__(cls) -> Self:
@@ -190,7 +190,7 @@ class Semaphore(_sync.Semaphore):
     wakes up to ``n`` waiters.
     """
 
-    __slots__ = ("_block",)
+    __slots__ = ("__weakref__", "_block")
     _block: _shm.Block
     _bounded = False
 
@@ -231,7 +231,7 @@ class Event(_sync.Event):
     wait (even if it has been cleared again since), False on timeout.
     """
 
-    __slots__ = ("_block",)
+    __slots__ = ("__weakref__", "_block")
     _block: _shm.Block
 
     def __new__(cls) -> Self:
@@ -259,7 +259,7 @@ class Condition(_sync.Condition):
     waiting at the time of the call.
     """
 
-    __slots__ = ("_block", "acquire", "release")
+    __slots__ = ("__weakref__", "_block", "acquire", "release")
     _block: _shm.Block
     acquire: Callable[..., bool]
     release: Callable[[], None]

@@ -391,7 +391,8 @@ class Connection:
         return [lambda: task.on_result("rejected", why, b"")]
 
     def _next_resend(self, now: float) -> float:
-        times = [t.resend_at for t in self._tasks.values() if t.resend_at]
+        with self._lock:  # user threads add tasks while this walks them
+            times = [t.resend_at for t in self._tasks.values() if t.resend_at]
         return min(times, default=now + 3600.0)
 
     def _resend_rejected(self, now: float) -> None:

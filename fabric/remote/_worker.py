@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 
 import zmq
@@ -233,8 +233,12 @@ class WorkerNode:
                 slot.proc.terminate()
 
     def _resend(self, welcome: Welcome) -> None:
-        for result in self._unacked.values():
-            self._link.send(result)
+        # HELLO's capacity already counted the slots these results freed, and the
+        # broker takes it as our whole credit: re-sent with their credit, they would
+        # let it dispatch more tasks than we have slots (seen after a broker restart).
+        for key, result in self._unacked.items():
+            self._unacked[key] = replace(result, credit=0)
+            self._link.send(self._unacked[key])
 
     # --- task processes ---------------------------------------------------------------
     def _spawn(self) -> _Slot:

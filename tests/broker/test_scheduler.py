@@ -260,6 +260,8 @@ def test_absent_clients_results_are_bounded_and_expire() -> None:
     s.tick(200)
     statuses = [m.status for _, m in s.add_client(A, 200) if isinstance(m, Result)]
     assert statuses == ["expired"] * 3
+    assert sorted(s.drop_expired()) == [A + b"0", A + b"1", A + b"2"]
+    assert s.drop_expired() == []
     assert s.statistics(200).bytes == 0
     assert s.done(A, (b"0", b"1", b"2"), 200) == [A + b"0", A + b"1", A + b"2"]
     s.check_invariants()

@@ -77,7 +77,7 @@ def test_block_written_before_an_exception_is_kept(ctx: Context) -> None:
 
 
 PARENT_SCRIPT = """
-    import os, signal, sys
+    import os, signal, sys, threading
     import fabric.local
     from fabric.local import _shm
 
@@ -91,7 +91,12 @@ PARENT_SCRIPT = """
         ctx = fabric.local.get_context(sys.argv[1])
         block = _shm.allocate(1 << 20)  # a segment of its own
         daemon = ctx.Process(target=child, args=(block, True), daemon=True)
-        daemon.start()
+        if sys.argv[3] == "thread":  # PR_SET_PDEATHSIG would fire when this thread ends
+            starter = threading.Thread(target=daemon.start)
+            starter.start()
+            starter.join()
+        else:
+            daemon.start()
         line = sys.stdin.readline()  # wait for the test to read the child's pid
         server = sys.modules.get("fabric.local._popen_forkserver")
         holder = server._Holder.server if server else None
@@ -102,11 +107,13 @@ PARENT_SCRIPT = """
 """
 
 
-def run_parent(tmp_path: Path, method: str, how: str) -> tuple[subprocess.Popen[str], int, int]:
+def run_parent(
+    tmp_path: Path, method: str, how: str, starter: str = "main"
+) -> tuple[subprocess.Popen[str], int, int]:
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(PARENT_SCRIPT))
     parent = subprocess.Popen(
-        [sys.executable, str(script), method, how],
+        [sys.executable, str(script), method, how, starter],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -121,12 +128,13 @@ def run_parent(tmp_path: Path, method: str, how: str) -> tuple[subprocess.Popen[
     return parent, int(pid), int(server)
 
 
+@pytest.mark.parametrize("starter", ["main", "thread"])
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_parent_killed_takes_daemonic_children_and_server_along(
-    tmp_path: Path, method: str
+    tmp_path: Path, method: str, starter: str
 ) -> None:
     before = shm_entries()
-    parent, child, server = run_parent(tmp_path, method, "kill")
+    parent, child, server = run_parent(tmp_path, method, "kill", starter)
     try:
         parent.kill()
         parent.wait(TIMEOUT)

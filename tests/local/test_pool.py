@@ -214,7 +214,7 @@ def test_imap_next_timeout(pool: Pool, gate: h.Gate) -> None:
 
 
 def test_terminate_fails_unfinished_results(gate: h.Gate) -> None:
-    from fabric.local._pool_engine import TerminatedError
+    from fabric.local.pool import TerminatedError
 
     pool = Pool(1)
     running = pool.apply_async(h.pass_gate, (gate.read_fd,))
@@ -302,3 +302,72 @@ def test_workers_that_cannot_start_break_the_pool() -> None:
         pytest.raises(BrokenExecutor, match=r"died before they were ready.*code 3"),
     ):
         pool.apply(h.square, (2,))
+
+
+def test_imap_results_all_arrive_after_close() -> None:
+    pool = Pool(2)
+    results = pool.imap(h.square, range(5000))
+    assert next(results) == 0
+    pool.close()
+    assert list(results) == [x * x for x in range(1, 5000)]
+    pool.join(30)
+
+
+def test_imap_after_terminate_raises_instead_of_truncating() -> None:
+    from fabric.local.pool import TerminatedError
+
+    pool = Pool(2)
+    results = pool.imap(h.square, range(100_000))
+    assert next(results) == 0
+    pool.terminate()
+    with pytest.raises(TerminatedError):
+        for _ in results:
+            pass
+
+
+def test_imap_input_error_raised_in_place(pool: Pool) -> None:
+    def source() -> Iterator[int]:
+        yield from range(3)
+        raise OSError("input broke")
+
+    results = pool.imap(h.square, source(), 1)
+    assert [next(results) for _ in range(3)] == [0, 1, 4]
+    with pytest.raises(OSError, match="input broke"):
+        next(results)
+    assert list(results) == []
+
+
+def test_large_arguments_and_results_cross_both_ways(pool: Pool) -> None:
+    blob = os.urandom(8 << 20)
+    results = [pool.apply_async(bytes.upper, (blob,)) for _ in range(3)]
+    assert all(r.get(60) == blob.upper() for r in results)
+
+
+def test_multiprocessing_context_object_picks_the_start_method() -> None:
+    with Pool(1, context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.apply(os.getppid) == os.getpid()
+    with pytest.raises(ValueError, match="forkserver"):
+        Pool(1, context="forkserver")
+
+
+def test_a_forked_child_cannot_use_or_stop_the_parents_pool(pool: Pool) -> None:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports what it saw through the pipe, then leaves
+        code = 1
+        try:
+            try:
+                pool.apply_async(h.square, (2,))
+            except RuntimeError as exc:
+                os.write(write_fd, str(exc).encode())
+            pool.terminate()  # returns at once: nothing of the parent's is touched
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    message = os.read(read_fd, 1000).decode()
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "forked" in message
+    assert pool.apply(h.square, (3,)) == 9

@@ -83,7 +83,7 @@ def test_executor_survives_a_crash_unlike_process_pool_executor() -> None:
 SCRIPT = textwrap.dedent(
     """
     import os, sys, time
-    from fabric.local import Pool
+    from fabric.local import Executor, Pool
 
     def hold(_):
         os.write(1, b"%d\\n" % os.getpid())  # one write: lines from two workers never mix
@@ -91,8 +91,12 @@ SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         os.write(1, b"%d\\n" % os.getpid())
-        with Pool(2) as pool:
-            pool.map(hold, range(4), 1)
+        if sys.argv[1] == "pool":
+            with Pool(2) as pool:
+                pool.map(hold, range(4), 1)
+        else:
+            with Executor(2) as executor:
+                list(executor.map(hold, range(4)))
     """
 )
 
@@ -105,12 +109,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("api", ["pool", "executor"])
+def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(api: str, tmp_path: Path) -> None:
     script = tmp_path / "ctrl_c.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen(
-        [sys.executable, str(script)],
+        [sys.executable, str(script), api],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -143,3 +148,19 @@ def test_imap_unordered_survives_a_crash(tmp_path: Path) -> None:
         crash_once = functools.partial(h.die_once, how="exit")
         results = list(pool.imap_unordered(crash_once, [marker] * 6, 1))
         assert results == ["second try"] * 6
+
+
+def test_idle_worker_killed_from_outside_is_replaced() -> None:
+    with Pool(1) as pool:
+        pid = pool.apply(os.getpid)
+        os.kill(pid, signal.SIGKILL)
+        assert pool.apply(os.getpid) != pid  # waits for the replacement, never hangs
+        stats = pool.statistics()
+        assert (stats.workers, stats.workers_lost, stats.failed) == (1, 1, 0)
+
+
+def test_retries_is_configurable() -> None:
+    with Pool(1, retries=2) as pool, pytest.raises(WorkerLostError) as info:
+        pool.apply(h.die, ("exit",))
+    assert info.value.attempts == 3
+    assert "retries=2" in str(info.value)

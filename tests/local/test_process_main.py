@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import fabric.local
 from tests.local.test_lifetime import wait_gone
 
 METHODS = ["fork", "forkserver", "spawn"]
@@ -175,3 +176,68 @@ def test_fork_server_killed_is_replaced(tmp_path: Path) -> None:
     assert done.stdout.splitlines()[1:] == ["restarted", "again 0"]
     assert wait_gone(int(pid), TIMEOUT)
     assert "fork server died before reporting child" in done.stderr
+
+
+# Modules a spawned child must not pay for before its target runs (each costs
+# milliseconds; the fork server preloads them instead).
+HEAVY = ["cloudpickle", "concurrent.futures", "ctypes", "logging", "typing", "zmq", "subprocess"]
+
+
+def test_child_bootstrap_is_import_light() -> None:
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import fabric.local._bootstrap\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules and m not in before))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+PRELOAD = """
+import sys
+import fabric.local
+
+def report():
+    print("wave" in sys.modules, flush=True)
+
+if __name__ == "__main__":
+    fabric.local.set_forkserver_preload(sys.argv[1:])
+    p = fabric.local.get_context("forkserver").Process(target=report)
+    p.start()
+    p.join()
+"""
+
+
+@pytest.mark.parametrize(("modules", "loaded"), [([], "False"), (["wave"], "True")])
+def test_forkserver_preload(tmp_path: Path, modules: list[str], loaded: str) -> None:
+    done = run_script(tmp_path, PRELOAD, *modules)
+    assert (done.returncode, done.stdout.strip()) == (0, loaded), done.stderr
+
+
+def test_forkserver_preload_refuses_a_string() -> None:
+    with pytest.raises(TypeError):
+        fabric.local.set_forkserver_preload("numpy")  # type: ignore[arg-type]
+
+
+RESOURCE_WARNINGS = """
+import warnings
+warnings.simplefilter("always", ResourceWarning)
+import fabric.local
+
+def nothing():
+    pass
+
+if __name__ == "__main__":
+    for method in ["forkserver", "fork", "spawn", "fork"]:
+        p = fabric.local.get_context(method).Process(target=nothing)
+        p.start()
+        p.join()
+        p.close()
+    print("done", flush=True)
+"""
+
+
+def test_no_resource_warnings_in_parent_or_children(tmp_path: Path) -> None:
+    done = run_script(tmp_path, RESOURCE_WARNINGS)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")

@@ -7,8 +7,10 @@ cross-process bodies (see test_synchronize_processes.py) reuse the same workers.
 from __future__ import annotations
 
 import pickle
+import signal
 import threading
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -325,6 +327,38 @@ def test_condition_notify_n_wakes_exactly_n(ns: types.ModuleType, threads: Any) 
     assert [out[i] for i in range(4)] == [1, 1, 1, 1]
 
 
+def consume_with_timeouts(cond: Any, box: SharedInts, stop: Any) -> None:
+    """Take items from box[0] (a count of pending items) with short timed waits."""
+    while True:
+        with cond:
+            if not cond.wait_for(lambda: box[0] > 0 or stop.is_set(), timeout=0.001):
+                continue
+            if box[0] == 0:
+                return
+            box[0] -= 1
+            box[1] += 1
+            cond.notify_all()  # the producer waits for the total; more racing wake-ups too
+
+
+def test_condition_timeouts_racing_notifies_lose_nothing(
+    ns: types.ModuleType, threads: Any
+) -> None:
+    """Waits that time out while notify(1) races with them must not strand items."""
+    cond, box, stop = ns.Condition(ns.Lock()), SharedInts(2), ns.Event()
+    consumers = [threads(consume_with_timeouts, cond, box, stop) for _ in range(3)]
+    for _ in range(2000):
+        with cond:
+            box[0] += 1
+            cond.notify()
+    with cond:
+        assert cond.wait_for(lambda: box[1] == 2000, timeout=30)
+        stop.set()
+        cond.notify_all()
+    for t in consumers:
+        t.join(30)
+    assert box[0] == 0 and box[1] == 2000
+
+
 # --------------------------------------------------------------- Barrier
 
 
@@ -427,6 +461,12 @@ def test_statistics_are_immutable_records() -> None:
     assert barrier.statistics() == (2, 0, False)
 
 
+@pytest.mark.parametrize("name", ["Lock", "RLock", "Semaphore", "Event", "Condition", "Barrier"])
+def test_weak_references(ns: types.ModuleType, name: str) -> None:
+    obj = getattr(ns, name)(2) if name == "Barrier" else getattr(ns, name)()
+    assert weakref.ref(obj)() is obj
+
+
 def test_condition_refuses_a_foreign_lock() -> None:
     with pytest.raises(TypeError, match=r"fabric\.local Lock or RLock"):
         fabric.local.Condition(threading.Lock())  # type: ignore[arg-type]
@@ -440,3 +480,63 @@ def test_attach_checks_the_kind() -> None:
         _sync.Event(lock._block.segment.mmap, lock._block.offset)
     with pytest.raises(ValueError, match="out of range"):
         _sync.Lock(lock._block.segment.mmap, 3)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _held_lock() -> Callable[[], object]:
+    lock = fabric.local.Lock()
+    lock.acquire()
+    return lock.acquire
+
+
+def _held_condition() -> Callable[[], object]:
+    cond = fabric.local.Condition()
+    cond.acquire()
+    return cond.wait
+
+
+@pytest.mark.parametrize(
+    "blocked_call",
+    [
+        _held_lock,
+        lambda: fabric.local.Semaphore(0).acquire,
+        lambda: fabric.local.Event().wait,
+        _held_condition,
+    ],
+    ids=["Lock", "Semaphore", "Event", "Condition"],
+)
+def test_signal_handlers_run_during_a_wait(
+    blocked_call: Callable[[], Callable[[], object]],
+) -> None:
+    """A blocked wait runs signal handlers; one that raises ends the wait with its exception."""
+    wait = blocked_call()
+    main = threading.main_thread().ident
+    assert main is not None
+    calls: list[int] = []
+    timers: list[threading.Timer] = []
+
+    def send_signal() -> None:
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    def handler(signum: int, frame: object) -> None:
+        calls.append(signum)
+        if len(calls) == 1:  # return: the wait goes on, until a second signal raises
+            timers.append(threading.Timer(0.02, send_signal))
+            timers[-1].start()
+        else:
+            raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        timers.append(threading.Timer(0.02, send_signal))
+        timers[0].start()
+        with pytest.raises(Interrupted):
+            wait()
+    finally:
+        for timer in timers:
+            timer.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert calls == [signal.SIGUSR1, signal.SIGUSR1]

@@ -34,14 +34,24 @@
  *
  * Fast paths take one atomic RMW: CAS 0 -> ident (acquire), XCHG -> 0
  * (release), CAS value -> value-1 (semaphore). Slow paths release the GIL,
- * spin for an adaptive budget (SPIN_MIN_NS..SPIN_MAX_NS, halved after a spin
- * that did not pay off, so idle waiters soon stop spinning), then register in
- * the waiter count and FUTEX_WAIT in slices of at most SLICE_S seconds.
+ * spin by sched_yield() for an adaptive budget (SPIN_MIN_NS..SPIN_MAX_NS,
+ * halved after a spin that did not pay off, so idle waiters soon stop
+ * spinning), then register in the waiter count and FUTEX_WAIT in slices of at
+ * most SLICE_S seconds; after each slice they return to the interpreter to run
+ * signal handlers (WAIT_AGAIN) and come back.
  * Releasers FUTEX_WAKE only when the waiter count is non-zero; the waiter
  * increments the count *before* re-reading the word and the releaser writes
  * the word *before* reading the count, both seq_cst (Dekker), so one of them
  * always sees the other: no lost wake-up. A waiter that leaves without
  * consuming what it was woken for passes the wake-up on.
+ *
+ * Memory orders, in general (each use says why when it departs from this):
+ * taking a lock or a unit is an acquire RMW; giving it back is a seq_cst RMW
+ * (release for the data it guards, seq_cst for the Dekker pairing above);
+ * waiter/sleeper counts are seq_cst for the same pairing; fields only the
+ * owner writes (RLock count and thread) are relaxed, ordered for the next
+ * owner by the lock word itself; statistics, magic and the spin budget are
+ * relaxed snapshots or hints.
  *
  * Dead owners: a Lock/RLock waiter checks, once per slice (and once more
  * before a timed acquire gives up), whether the process named by the word is
@@ -64,6 +74,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,9 +86,15 @@
 #define PID_MASK ((1u << PID_BITS) - 1)
 #define TAG_MASK 0x3FFu
 #define SLICE_S 0.05
-#define SPIN_MIN_NS 4000
-#define SPIN_INIT_NS 20000
-#define SPIN_MAX_NS 60000
+#ifndef SPIN_MIN_NS
+#define SPIN_MIN_NS 10000
+#endif
+#ifndef SPIN_INIT_NS
+#define SPIN_INIT_NS 50000
+#endif
+#ifndef SPIN_MAX_NS
+#define SPIN_MAX_NS 200000
+#endif
 #define TIMEOUT_MAX 9223372036.0
 
 #define MAGIC_LOCK 0x4b434c66u  /* "fLCK" */
@@ -86,7 +103,10 @@
 #define MAGIC_EVENT 0x54564566u /* "fEVT" */
 #define MAGIC_COND 0x444e4366u  /* "fCND" */
 
-enum { WAIT_INTR = -1, WAIT_TIMEOUT = 0, WAIT_OK = 1, WAIT_DEAD_OWNER = 2 };
+/* WAIT_AGAIN: a signal arrived or a sleep slice ended; the caller takes the
+ * GIL, runs pending signal handlers and calls again. Returning once per slice
+ * bounds how long a signal that landed just before FUTEX_WAIT goes unhandled. */
+enum { WAIT_AGAIN = -1, WAIT_TIMEOUT = 0, WAIT_OK = 1, WAIT_DEAD_OWNER = 2 };
 
 typedef _Atomic uint32_t au32;
 
@@ -128,20 +148,9 @@ now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static inline void
-cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 /* A bounded busy-wait: the caller polls its condition between spin_more calls. */
 typedef struct {
     int64_t start, end;
-    unsigned n;
 } spin_t;
 
 static inline void
@@ -153,16 +162,19 @@ spin_begin(spin_t *s, au32 *budget, double deadline)
     s->end = s->start + (b ? b : SPIN_INIT_NS);
     if (deadline >= 0 && (int64_t)(deadline * 1e9) < s->end)
         s->end = (int64_t)(deadline * 1e9);
-    s->n = 0;
 }
 
+/* Yield until the budget is spent. Yielding rather than pausing serves both
+ * placements: when the other side runs on another CPU we re-check the word
+ * within a syscall's time, and when it shares our CPU (common on a busy
+ * machine) only giving it the CPU lets it make progress. */
 static inline int
 spin_more(spin_t *s)
 {
-    cpu_relax();
-    if ((++s->n & 31) != 0)
-        return 1;
-    return now_ns() < s->end;
+    if (now_ns() >= s->end)
+        return 0;
+    sched_yield();
+    return 1;
 }
 
 /* Grow the budget to twice what a successful spin took; halve it after a miss. */
@@ -475,7 +487,7 @@ lock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 /* Wait for the mutex with the GIL released. Returns WAIT_OK, WAIT_DEAD_OWNER
  * (taken from a dead owner, whose ident goes to *dead), WAIT_TIMEOUT or
- * WAIT_INTR (a signal arrived: the caller checks it and may call again). */
+ * WAIT_AGAIN. */
 static int
 mutex_lock_slow(struct mutex_shm *m, uint32_t me, double deadline, uint32_t *dead, int spin)
 {
@@ -522,17 +534,14 @@ mutex_lock_slow(struct mutex_shm *m, uint32_t me, double deadline, uint32_t *dea
                 }
                 continue;
             }
-            next_check = now + SLICE_S;
-        }
-        if (expired) {
-            rc = WAIT_TIMEOUT;
+            rc = expired ? WAIT_TIMEOUT : WAIT_AGAIN;
             break;
         }
         double sleep = next_sleep(now, deadline);
         if (next_check - now < sleep)
             sleep = next_check - now;
         if (fx_wait(&m->word, w, sleep) == -EINTR) {
-            rc = WAIT_INTR;
+            rc = WAIT_AGAIN;
             break;
         }
     }
@@ -584,10 +593,10 @@ mutex_lock_blocking(struct mutex_shm *m, uint32_t me, double deadline, uint32_t 
         Py_BEGIN_ALLOW_THREADS
         rc = mutex_lock_slow(m, me, deadline, dead, spin);
         Py_END_ALLOW_THREADS
-        if (rc != WAIT_INTR)
+        if (rc != WAIT_AGAIN)
             return rc;
         if (interruptible && PyErr_CheckSignals() < 0)
-            return WAIT_INTR;
+            return WAIT_AGAIN;
         spin = 0;
     }
 }
@@ -618,7 +627,7 @@ lock_acquire_impl(LockObject *self, int blocking, double timeout)
         if (!blocking)
             Py_RETURN_FALSE;
         rc = mutex_lock_blocking(m, me, deadline_after(timeout), &dead, 1);
-        if (rc == WAIT_INTR)
+        if (rc == WAIT_AGAIN)
             return NULL;
         if (rc == WAIT_TIMEOUT)
             Py_RETURN_FALSE;
@@ -834,8 +843,9 @@ sem_wait_slow(struct sem_shm *s, double deadline, int spin)
             rc = WAIT_TIMEOUT;
             break;
         }
-        if (fx_wait(&s->value, 0, next_sleep(now, deadline)) == -EINTR) {
-            rc = WAIT_INTR;
+        int r = fx_wait(&s->value, 0, next_sleep(now, deadline));
+        if (r == -EINTR || (r == -ETIMEDOUT && (deadline < 0 || fx_now() < deadline))) {
+            rc = WAIT_AGAIN;
             break;
         }
     }
@@ -864,7 +874,7 @@ sem_acquire(SharedObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
         Py_BEGIN_ALLOW_THREADS
         rc = sem_wait_slow(s, deadline, spin);
         Py_END_ALLOW_THREADS
-        if (rc != WAIT_INTR)
+        if (rc != WAIT_AGAIN)
             break;
         if (PyErr_CheckSignals() < 0)
             return NULL;
@@ -1053,8 +1063,9 @@ event_wait_slow(struct event_shm *e, uint32_t w0, double deadline, int spin)
             rc = WAIT_TIMEOUT;
             break;
         }
-        if (fx_wait(&e->word, w0, next_sleep(now, deadline)) == -EINTR) {
-            rc = WAIT_INTR;
+        int r = fx_wait(&e->word, w0, next_sleep(now, deadline));
+        if (r == -EINTR || (r == -ETIMEDOUT && (deadline < 0 || fx_now() < deadline))) {
+            rc = WAIT_AGAIN;
             break;
         }
     }
@@ -1080,7 +1091,7 @@ event_wait(SharedObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject
         Py_BEGIN_ALLOW_THREADS
         rc = event_wait_slow(e, w0, deadline, spin);
         Py_END_ALLOW_THREADS
-        if (rc != WAIT_INTR)
+        if (rc != WAIT_AGAIN)
             break;
         if (PyErr_CheckSignals() < 0)
             return NULL;
@@ -1203,8 +1214,9 @@ cond_wait_slow(struct cond_shm *c, uint32_t ticket, double deadline, int spin)
             rc = WAIT_TIMEOUT;
             break;
         }
-        if (fx_wait(&c->seq, s, next_sleep(now, deadline)) == -EINTR) {
-            rc = WAIT_INTR;
+        int r = fx_wait(&c->seq, s, next_sleep(now, deadline));
+        if (r == -EINTR || (r == -ETIMEDOUT && (deadline < 0 || fx_now() < deadline))) {
+            rc = WAIT_AGAIN;
             break;
         }
     }
@@ -1247,7 +1259,7 @@ cond_wait(CondObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *k
         Py_BEGIN_ALLOW_THREADS
         rc = cond_wait_slow(c, ticket, deadline, spin);
         Py_END_ALLOW_THREADS
-        if (rc != WAIT_INTR)
+        if (rc != WAIT_AGAIN)
             break;
         if (PyErr_CheckSignals() < 0) {
             failed = 1;

@@ -1,0 +1,266 @@
+"""The broker against a raw-pyzmq floor: no-op tasks from one client to two workers.
+
+The floor is the least a ZeroMQ broker can do: one ROUTER, workers that say
+READY, requests forwarded to the least recently used worker, replies
+forwarded back; no acknowledgements, heartbeats, journal or authentication.
+fabric's broker runs as ``python -m fabric.broker broker`` with CURVE on (and
+variants without keys, and with the journal), its workers and client are raw
+pyzmq peers speaking the wire protocol, so both sides pay for the same
+sockets and processes and differ only in the broker. Each worker has one slot
+in both cases. Throughput keeps a window of 256 tasks in flight; the round
+trip sends one task at a time.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import zmq
+
+from bench._harness import Stats, Table
+from fabric.broker import protocol as p
+from fabric.broker.keys import PeerKeys, generate
+
+TASKS = 5000
+ROUNDS = 500
+WINDOW = 256
+PY, CP = "3.11", "3.1"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --- the floor -----------------------------------------------------------------------
+
+
+def _raw_broker(address: str) -> None:
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router:
+        router.bind(address)
+        ready: deque[bytes] = deque()
+        waiting: deque[list[bytes]] = deque()
+        while True:
+            ident, kind, *rest = router.recv_multipart()
+            if kind == b"STOP":
+                return
+            if kind == b"READY":
+                ready.append(ident)
+            elif kind == b"REQ":
+                waiting.append([ident, *rest])
+            else:  # a reply: [client, payload]
+                router.send_multipart([rest[0], b"REP", *rest[1:]])
+                ready.append(ident)
+            while ready and waiting:
+                router.send_multipart([ready.popleft(), *waiting.popleft()])
+
+
+def _raw_worker(address: str) -> None:
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.connect(address)
+        sock.send(b"READY")
+        while True:
+            frames = sock.recv_multipart()
+            if frames[0] == b"STOP":
+                return
+            sock.send_multipart([b"RES", *frames])
+
+
+class _RawClient:
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], address: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(address)
+
+    def submit(self, n: int) -> None:
+        self.sock.send_multipart([b"REQ", b"%d" % n])
+
+    def result(self) -> None:
+        self.sock.recv_multipart()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- fabric ------------------------------------------------------------------------
+
+
+def _fabric_worker(address: str, keydir: str | None) -> None:
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        if keydir:
+            PeerKeys.load(keydir, "worker").configure(sock)
+        sock.connect(address)
+        sock.send_multipart(p.encode(p.Hello("worker", "w", os.urandom(16), PY, CP, 1)))
+        while True:
+            if not sock.poll(500):
+                sock.send_multipart(p.encode(p.Heartbeat()))
+                continue
+            message = p.decode(sock.recv_multipart())
+            if isinstance(message, p.Dispatch):
+                result = p.Result(
+                    message.task, message.attempt, "ok", credit=1, payload=message.payload
+                )
+                sock.send_multipart(p.encode(result))
+            elif isinstance(message, p.Refuse):
+                return
+
+
+class _FabricClient:
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, keydir: str | None):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        if keydir:
+            PeerKeys.load(keydir, "client").configure(self.sock)
+        self.sock.connect(address)
+        self.sent = 0
+        self.sock.send_multipart(p.encode(p.Hello("client", "c", os.urandom(16), PY, CP)))
+        while not isinstance(p.decode(self.sock.recv_multipart()), p.Welcome):
+            pass
+
+    def submit(self, n: int) -> None:
+        self.sent += 1  # task ids stay unique across runs: a DONE'd id is refused as a duplicate
+        self.sock.send_multipart(p.encode(p.Submit(b"%d" % self.sent, payload=(b"%d" % n,))))
+
+    def result(self) -> None:
+        while True:
+            message = p.decode(self.sock.recv_multipart())
+            if isinstance(message, p.Result):
+                self.sock.send_multipart(p.encode(p.Done((message.task,))))
+                return
+
+    def close(self) -> None:
+        self.sock.send_multipart(p.encode(p.Bye()))
+        self.sock.close()
+
+
+# --- the measurements ----------------------------------------------------------------
+
+Client = _RawClient | _FabricClient
+
+
+def _throughput(client: Client) -> float:
+    start = time.perf_counter()
+    sent = done = 0
+    while done < TASKS:
+        while sent < TASKS and sent - done < WINDOW:
+            client.submit(sent)
+            sent += 1
+        client.result()
+        done += 1
+    return TASKS / (time.perf_counter() - start)
+
+
+def _round_trips(client: Client) -> list[float]:
+    times = []
+    for n in range(ROUNDS):
+        start = time.perf_counter()
+        client.submit(n)
+        client.result()
+        times.append((time.perf_counter() - start) * 1e6)
+    return times
+
+
+@contextmanager
+def _raw_cluster() -> Iterator[Callable[[zmq.Context[zmq.Socket[bytes]]], Client]]:
+    address = f"tcp://127.0.0.1:{_port()}"
+    mp = multiprocessing.get_context("spawn")
+    procs = [mp.Process(target=_raw_broker, args=(address,))]
+    procs += [mp.Process(target=_raw_worker, args=(address,)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        yield lambda ctx: _RawClient(ctx, address)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.join()
+
+
+@contextmanager
+def _fabric_cluster(
+    keydir: str | None, *broker_args: str
+) -> Iterator[Callable[[zmq.Context[zmq.Socket[bytes]]], Client]]:
+    address = f"tcp://127.0.0.1:{_port()}"
+    args = ["--bind", address, "--no-services", *broker_args]
+    if keydir:
+        args += ["--keys", keydir]
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "fabric.broker", "broker", *args], stdout=subprocess.PIPE, text=True
+    )
+    assert broker.stdout is not None
+    broker.stdout.readline()  # "listening on": bound and self-tested
+    mp = multiprocessing.get_context("spawn")
+    workers = [mp.Process(target=_fabric_worker, args=(address, keydir)) for _ in range(2)]
+    for proc in workers:
+        proc.start()
+    try:
+        yield lambda ctx: _FabricClient(ctx, address, keydir)
+    finally:
+        for proc in workers:
+            proc.kill()
+            proc.join()
+        broker.kill()
+        broker.wait()
+        broker.stdout.close()
+
+
+def run(repeats: int) -> list[Table]:
+    """Measure the floor and fabric's broker variants; return the tables."""
+    tput = Table(
+        "no-op tasks, 1 client -> broker -> 2 workers", "tasks/s", baseline="raw ROUTER floor"
+    )
+    median = Table(
+        "single-task round trip, median", "us", higher_is_better=False, baseline="raw ROUTER floor"
+    )
+    p99 = Table(
+        "single-task round trip, p99", "us", higher_is_better=False, baseline="raw ROUTER floor"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        keydir = str(Path(tmp) / "keys")
+        generate(keydir)
+        journal = str(Path(tmp) / "journal")
+        candidates = {
+            "raw ROUTER floor": lambda: _raw_cluster(),
+            "fabric, CURVE, no journal": lambda: _fabric_cluster(keydir),
+            "fabric, no keys, no journal": lambda: _fabric_cluster(None),
+            "fabric, CURVE, journal fsync=os": lambda: _fabric_cluster(
+                keydir, "--journal", journal + "-os", "--fsync", "os"
+            ),
+            "fabric, CURVE, journal fsync=always": lambda: _fabric_cluster(
+                keydir, "--journal", journal + "-always", "--fsync", "always"
+            ),
+        }
+        for name, cluster in candidates.items():
+            with cluster() as connect, zmq.Context() as ctx:
+                client = connect(ctx)
+                _round_trips(client)  # warm up: connections, first dispatches
+                rates, medians, tails = [], [], []
+                for _ in range(repeats):
+                    rates.append(_throughput(client))
+                    times = sorted(_round_trips(client))
+                    medians.append(statistics.median(times))
+                    tails.append(times[int(len(times) * 0.99)])
+                client.close()
+            tput.add(name, Stats(tuple(rates)))
+            median.add(name, Stats(tuple(medians)))
+            p99.add(name, Stats(tuple(tails)))
+    note = (
+        f"{TASKS} tasks per throughput run with {WINDOW} in flight; {ROUNDS} sequential tasks per"
+        " latency run. fabric pays a SUBMIT, ACK, DISPATCH, RESULT, ACK, RESULT and DONE per"
+        " task where the floor sends four messages."
+    )
+    tput.note = median.note = note
+    return [tput, median, p99]

@@ -1,0 +1,104 @@
+"""Start one pool worker process with its two pipes, by fork or by spawn."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+import warnings
+
+from fabric.local import _pool_worker
+from fabric.local._pool_task import Task
+
+__all__ = ["START_METHODS", "WorkerHandle", "describe_exit", "start"]
+
+START_METHODS = ("fork", "spawn")
+_PIPE_SIZE = 1 << 20
+
+
+class WorkerHandle:
+    """The parent's side of one worker: its fds, buffers and the tasks it holds."""
+
+    __slots__ = (
+        "inbuf", "index", "inflight", "out_fd", "outbuf", "pid", "pidfd", "ready", "retiring",
+        "sent", "task_fd",
+    )  # fmt: skip
+
+    def __init__(self, index: int, pid: int, task_fd: int, out_fd: int) -> None:
+        self.index = index
+        self.pid = pid
+        self.task_fd = task_fd  # ours to write tasks to, non-blocking
+        self.out_fd = out_fd  # ours to read results from, non-blocking
+        self.pidfd = os.pidfd_open(pid)  # readable once the worker has exited
+        self.inflight: dict[int, Task] = {}
+        self.outbuf = bytearray()
+        self.inbuf = bytearray()
+        self.sent = 0  # tasks sent, counted against maxtasksperchild
+        self.retiring = False  # sent no more tasks: STOP sent or quota reached
+        self.ready = False  # READY received: its initializer ran
+
+    def fds(self) -> list[int]:
+        return [self.task_fd, self.out_fd, self.pidfd]
+
+
+def start(index: int, spawn: bool, slots_fd: int, parent_only: list[int]) -> WorkerHandle:
+    """Start worker ``index``; a forked child first closes ``parent_only`` fds."""
+    task_r, task_w = os.pipe2(os.O_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    for fd in (task_w, out_r):
+        # Past /proc/sys/fs/pipe-max-size this fails; the default size works, slower.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    try:
+        if spawn:
+            pid = _spawn(index, task_r, out_w, slots_fd)
+        else:
+            pid = _fork(index, task_r, out_w, slots_fd, [*parent_only, task_w, out_r])
+    except BaseException:
+        os.close(task_w)
+        os.close(out_r)
+        raise
+    finally:
+        os.close(task_r)
+        os.close(out_w)
+    os.set_blocking(task_w, False)
+    os.set_blocking(out_r, False)
+    return WorkerHandle(index, pid, task_w, out_r)
+
+
+def _fork(index: int, task_r: int, out_w: int, slots_fd: int, drop: list[int]) -> int:
+    parent = os.getpid()
+    with warnings.catch_warnings():  # fork from the loop thread is what we mean to do
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        _pool_worker.fork_main(parent, task_r, out_w, slots_fd, index, drop)
+    return pid
+
+
+def _spawn(index: int, task_r: int, out_w: int, slots_fd: int) -> int:
+    fds = [task_r, out_w, slots_fd]
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    try:
+        code = (
+            f"import sys; sys.path[:] = {list(sys.path)!r}; "
+            "from fabric.local._pool_worker import spawn_main; spawn_main()"
+        )
+        argv = [sys.executable, "-c", code, str(os.getpid()), *map(str, fds), str(index)]
+        return os.posix_spawn(sys.executable, argv, os.environ, setpgroup=0)
+    finally:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+
+
+def describe_exit(code: int) -> str:
+    """Say how a process with exit code ``code`` (``-N`` for signal N) ended."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
