@@ -18,7 +18,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -120,13 +120,14 @@ class Broker:
                     " on the workers (run `fabric keygen`, or pass insecure=True)"
                 )
             log.warning("INSECURE: broker on %s without CURVE keys; anyone can connect", bind)
-        self._bind = bind.replace(":0", ":*") if bind.endswith(":0") else bind
+        self._bind = bind[:-2] + ":*" if bind.endswith(":0") else bind
         self._journal_path = Path(journal) if journal is not None else None
         self._fsync: FsyncPolicy = fsync
         self._objects = ObjectRouter(services)
         self.heartbeat = heartbeat
         self.liveness = liveness
-        self._limits = limits or Limits(liveness_timeout=heartbeat * liveness)
+        # the deadline the broker enforces is the one it announces in WELCOME
+        self._limits = replace(limits or Limits(), liveness_timeout=heartbeat * liveness)
         self._max_sessions = max_sessions
         self._max_message_bytes = max_message_bytes
         self._instance = os.urandom(16)
@@ -537,6 +538,10 @@ class Broker:
                     del self._routes[session.route]
                 self._session_gone(sid)
                 log.warning("%s %r lost: no heartbeat", session.role, session.name)
+        # a session's owner is remembered while it lives or has tasks, so memory stays bounded
+        for sid in [sid for sid in self._owners if sid not in self._sessions]:
+            if not self._sched.holds_tasks_of(sid):
+                del self._owners[sid]
         self._outbox += [
             (s.id, p.Heartbeat())
             for s in self._sessions.values()

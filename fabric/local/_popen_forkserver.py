@@ -78,6 +78,7 @@ class _Holder:
 
     lock = threading.Lock()
     server: _Server | None = None
+    inherited: _Server | None = None
     preload: tuple[str, ...] = ()
 
 
@@ -119,6 +120,9 @@ def _forget_after_fork() -> None:
     _Holder.lock = threading.Lock()
     if server is not None:
         server.control.close()  # or the server would outlive our parent
+        # Kept, not collected: the parent's server is not ours to reap, and a
+        # collected subprocess.Popen would warn that it is still running.
+        _Holder.inherited = server
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -110,9 +110,7 @@ def test_messages_before_hello_wrong_role_and_bad_frames_get_errors(start_broker
 
 
 def test_a_silent_worker_is_declared_dead_its_task_requeued_then_lost(start_broker: Start) -> None:
-    broker = start_broker(
-        heartbeat=0.05, liveness=2, limits=Limits(max_retries=1, liveness_timeout=0.1)
-    )
+    broker = start_broker(heartbeat=0.05, liveness=2, limits=Limits(max_retries=1))
     with peers(broker.address) as make:
         client, w1, w2 = make(), make(), make()
         client.hello("client")

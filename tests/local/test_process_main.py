@@ -218,3 +218,26 @@ def test_forkserver_preload(tmp_path: Path, modules: list[str], loaded: str) -> 
 def test_forkserver_preload_refuses_a_string() -> None:
     with pytest.raises(TypeError):
         fabric.local.set_forkserver_preload("numpy")  # type: ignore[arg-type]
+
+
+RESOURCE_WARNINGS = """
+import warnings
+warnings.simplefilter("always", ResourceWarning)
+import fabric.local
+
+def nothing():
+    pass
+
+if __name__ == "__main__":
+    for method in ["forkserver", "fork", "spawn", "fork"]:
+        p = fabric.local.get_context(method).Process(target=nothing)
+        p.start()
+        p.join()
+        p.close()
+    print("done", flush=True)
+"""
+
+
+def test_no_resource_warnings_in_parent_or_children(tmp_path: Path) -> None:
+    done = run_script(tmp_path, RESOURCE_WARNINGS)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")
