@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import pytest
 
+from fabric.errors import BrokerUnavailable
 from fabric.remote import Manager
-from tests.remote.conftest import Cluster, start_broker
+from tests.remote.conftest import HEARTBEAT, LIVENESS, Cluster, start_broker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -78,9 +82,11 @@ def test_nodes_and_clients_rejoin_a_restarted_broker(cluster: Cluster, keydir: P
     assert ex.submit(abs, -1).result(timeout=60) == 1
     address = cluster.address
     cluster.broker.close()
+    while_down = ex.submit(abs, -3)  # held by the client and sent once a broker answers
     cluster.broker = start_broker(keydir, bind=address)
     # the same node and the same client session carry on without user action
     assert ex.submit(abs, -2).result(timeout=60) == 2
+    assert while_down.result(timeout=60) == 3
     after = mgr.dict("after")
     after["x"] = 1
     assert after["x"] == 1
@@ -93,3 +99,28 @@ def test_a_killed_task_process_is_replaced(cluster: Cluster) -> None:
         pid = ex.submit(os.getpid).result(timeout=60)
         os.kill(pid, signal.SIGKILL)
         assert ex.submit(os.getpid).result(timeout=60) != pid
+
+
+def spin(seconds: float) -> int:
+    # hold the GIL in the task process far longer than the broker's liveness window
+    deadline, n = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        n += 1
+    return n
+
+
+def test_a_long_task_does_not_look_like_a_dead_node(cluster: Cluster) -> None:
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    limit = HEARTBEAT * LIVENESS
+    assert mgr.Executor().submit(spin, 3 * limit).result(timeout=60) > 0
+    stats = cluster.broker.statistics().tasks
+    assert stats.retries == 0 and stats.tasks_done == 1
+
+
+def test_connecting_to_no_broker_fails_cleanly(keydir: Path) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(BrokerUnavailable, match="no answer"):
+        Manager(f"tcp://127.0.0.1:{port}", keys=keydir, timeout=0.5).connect()
