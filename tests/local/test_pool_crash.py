@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -164,3 +166,17 @@ def test_retries_is_configurable() -> None:
         pool.apply(h.die, ("exit",))
     assert info.value.attempts == 3
     assert "retries=2" in str(info.value)
+
+
+def test_random_kills_lose_no_task_and_duplicate_no_result() -> None:
+    rng = random.Random(1234)
+    kill_at = set(rng.sample(range(50, 1500), 6))
+    with Pool(2, retries=10) as pool:
+        seen: dict[int, int] = {}
+        for n, (value, pid) in enumerate(pool.imap_unordered(h.square_and_pid, range(2000), 1)):
+            seen[value] = seen.get(value, 0) + 1
+            if n in kill_at:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        assert seen == {x * x: 1 for x in range(2000)}
+        assert pool.statistics().workers_lost >= 1
