@@ -124,3 +124,33 @@ def test_connecting_to_no_broker_fails_cleanly(keydir: Path) -> None:
         port = probe.getsockname()[1]
     with pytest.raises(BrokerUnavailable, match="no answer"):
         Manager(f"tcp://127.0.0.1:{port}", keys=keydir, timeout=0.5).connect()
+
+
+def record_then_wait_twice(nodes: Any, started: Any, again: Any, go: Any) -> int:
+    nodes.append(os.getppid())
+    (again if started.is_set() else started).set()
+    assert go.wait(60)
+    return os.getppid()
+
+
+def test_a_paused_node_is_fenced_off_then_rejoins(cluster: Cluster) -> None:
+    paused = cluster.node(name="paused")
+    mgr = cluster.manager()
+    nodes, started, again, go = mgr.list(), mgr.Event(), mgr.Event(), mgr.Event()
+    ex = mgr.Executor()
+    future = ex.submit(record_then_wait_twice, nodes, started, again, go)
+    assert started.wait(60)
+    paused.send_signal(signal.SIGSTOP)  # a partition: it misses its heartbeats
+    other = cluster.node(name="other")
+    try:
+        assert again.wait(60)  # declared dead: the task runs again on the other node
+        go.set()
+        assert future.result(timeout=60) == other.pid
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    other.kill()
+    other.wait()
+    # the paused node comes back on its own; its late result was dropped, not delivered
+    assert ex.submit(os.getppid).result(timeout=60) == paused.pid
+    assert nodes.copy() == [paused.pid, other.pid]
+    assert cluster.broker.statistics().tasks.duplicates >= 1
