@@ -508,3 +508,28 @@ def test_fds_are_released_by_close_and_by_collection(ctx: Context) -> None:
     del proc
     gc.collect()
     assert open_fds() <= before
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_threads_start_processes_concurrently(method: str) -> None:
+    ctx = fabric.local.get_context(method)
+    blocks = [_shm.allocate(16) for _ in range(8)]
+    barrier = threading.Barrier(4)
+    codes: list[int | None] = []
+
+    def starter(mine: list[_shm.Block]) -> None:
+        barrier.wait(TIMEOUT)
+        procs = [ctx.Process(target=write, args=(b, b"ok")) for b in mine]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(TIMEOUT)
+            codes.append(proc.exitcode)
+
+    threads = [threading.Thread(target=starter, args=(blocks[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert codes == [0] * 8
+    assert all(bytes(b.buffer[:2]) == b"ok" for b in blocks)
