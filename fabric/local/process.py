@@ -239,8 +239,10 @@ class Process:
                     "cannot close a process while it is still running; "
                     "call join() or terminate() first"
                 )
-            self._load_exception()
             self._popen.close()
+        if self._report_fd >= 0:
+            self._report_closer()
+            self._report_fd = -1
         _state.children.discard(self)
         self._closed = True
 

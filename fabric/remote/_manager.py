@@ -12,6 +12,7 @@ import builtins
 import os
 import socket
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -137,6 +138,14 @@ class Manager:
 
     def __enter__(self) -> Manager:
         return self.connect()
+
+    def __del__(self) -> None:
+        if getattr(self, "_conn", None) is not None or getattr(self, "_cluster", None) is not None:
+            warnings.warn(
+                f"Manager for {self._address} collected without shutdown()",
+                ResourceWarning,
+                stacklevel=1,
+            )
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None

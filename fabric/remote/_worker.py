@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import FrameType
 
@@ -58,11 +59,16 @@ def _signal_name(returncode: int) -> str:
 
 
 class WorkerNode:
-    """Run tasks from the broker at ``address`` on ``processes`` task processes."""
+    """Run tasks from the broker at ``address`` on ``processes`` task processes.
+
+    ``address`` may be a callable, called once the task processes are started:
+    a Manager starts its node while its broker is still starting and hands the
+    address over then, so the two start-ups overlap.
+    """
 
     def __init__(
         self,
-        address: str,
+        address: str | Callable[[], str],
         *,
         processes: int | None = None,
         name: str | None = None,
@@ -78,9 +84,10 @@ class WorkerNode:
         self._env = {**os.environ, **(env or {})}
         self._grace = grace
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._address = address
         self._link = Link(
             self._context,
-            address,
+            address if isinstance(address, str) else "",
             role="worker",
             name=self.name,
             curve=curve,
@@ -120,6 +127,8 @@ class WorkerNode:
         """Serve until drained; return the exit status (2 if the broker refused this node)."""
         try:
             self._slots = [self._spawn() for _ in range(self.processes)]
+            if not isinstance(self._address, str):
+                self._link.address = self._address()
             self._link.open()
             self._loop()
             return 0

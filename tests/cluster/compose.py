@@ -45,7 +45,8 @@ def engine_problem() -> str | None:
     except subprocess.TimeoutExpired:
         return "no Docker engine answered `docker info` within 30 s"
     if info.returncode != 0:
-        return f"no Docker engine answers: {info.stderr.strip().splitlines()[-1:]}"
+        said = info.stderr.strip().splitlines() or [f"`docker info` exited {info.returncode}"]
+        return f"no Docker engine answers: {said[-1]}"
     if compose_command() is None:
         return "neither `docker compose` nor `docker-compose` is installed"
     return None

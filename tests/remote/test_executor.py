@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
 import sys
 from typing import Any
 
 import cloudpickle
 import pytest
 
+from fabric.errors import WorkerLostError
 from fabric.remote import RemoteTraceback
 from tests.remote.conftest import Cluster
 
@@ -97,3 +100,19 @@ def test_map_timeout_raises(cluster: Cluster) -> None:
         list(ex.map(wait_for, [gate], timeout=0.2))
     gate.set()
     ex.shutdown(wait=True)
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_task_that_kills_its_process_is_reported_not_retried_forever(cluster: Cluster) -> None:
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    with pytest.raises(WorkerLostError, match="SIGKILL"):
+        mgr.Executor().submit(die).result(timeout=120)
+    process = mgr.Process(target=die)
+    process.start()
+    process.join(120)
+    assert process.exitcode == -signal.SIGKILL
+    assert mgr.Executor().submit(abs, -4).result(timeout=60) == 4  # the node still serves
