@@ -107,7 +107,8 @@ class Executor(cf.Executor):
         if wait:
             cf.wait(pending)
 
-    def _pending_futures(self) -> list[cf.Future[Any]]:
+    def outstanding(self) -> list[cf.Future[Any]]:
+        """Return the futures not yet resolved (a snapshot)."""
         with self._lock:
             return list(self._pending)
 

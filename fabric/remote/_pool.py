@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -125,8 +126,6 @@ class Pool:
             raise ValueError("Number of processes must be at least 1")
         self._executor = executor
         self._init, self._initargs = initializer, tuple(initargs)
-        import os
-
         self._token = os.urandom(8)
         self._state = "RUN"
 
@@ -144,7 +143,7 @@ class Pool:
         if chunksize is None:  # multiprocessing's rule: about 4 chunks per worker slot
             chunksize = max(1, -(-len(items) // 32))
         if chunksize < 1:
-            raise ValueError("Chunksize must be 1+, not {chunksize}")
+            raise ValueError(f"Chunksize must be 1+, not {chunksize}")
         return [
             self._executor.submit(
                 _call_chunk, self._token, self._init, self._initargs, fn, items[i : i + chunksize]
@@ -238,8 +237,7 @@ class Pool:
         """Wait for the outstanding tasks (after close() or terminate())."""
         if self._state == "RUN":
             raise ValueError("Pool is still running")
-        pending = [f for f in self._executor._pending_futures()]
-        cf.wait(pending, timeout)
+        cf.wait(self._executor.outstanding(), timeout)
 
     def __enter__(self) -> Pool:
         self._check()
