@@ -533,3 +533,16 @@ def test_threads_start_processes_concurrently(method: str) -> None:
         thread.join()
     assert codes == [0] * 8
     assert all(bytes(b.buffer[:2]) == b"ok" for b in blocks)
+
+
+def test_unpicklable_excepthook_falls_back_to_the_default(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    lock = threading.Lock()
+    monkeypatch.setattr(fabric.local, "excepthook", lambda args: lock.locked())
+    proc = fabric.local.get_context("spawn").Process(target=raise_value_error, args=("x",))
+    with caplog.at_level("WARNING", logger="fabric.local._launch"):
+        proc.start()
+    proc.join(TIMEOUT)
+    assert proc.exitcode == 1 and isinstance(proc.exception, ValueError)
+    assert "cannot be pickled" in caplog.text
