@@ -49,7 +49,8 @@ def report_identity(block: _shm.Block) -> None:
     me = fabric.local.current_process()
     parent = fabric.local.parent_process()
     assert parent is not None
-    fields = (me.name, me.pid, os.getpid(), me.daemon, parent.name, parent.pid, me.is_alive())
+    alive = me.is_alive() and parent.is_alive()
+    fields = (me.name, me.pid, os.getpid(), me.daemon, parent.name, parent.pid, alive)
     text = "|".join(map(str, fields))
     write(block, text.encode().ljust(200))
 
