@@ -332,6 +332,18 @@ class Scheduler:
             return [(entry.worker, Cancel(task=entry.key, attempt=entry.attempt))]
         return []
 
+    def runnable(self, requires: dict[str, str]) -> bool:
+        """Return True if a connected worker satisfies ``requires``, or none is connected."""
+        if not self._workers:
+            return True
+        return any(
+            all(w.labels.get(k) == v for k, v in requires.items()) for w in self._workers.values()
+        )
+
+    def worker_labels(self, key: str) -> set[str]:
+        """Return the values of label ``key`` among connected workers."""
+        return {w.labels.get(key, "?") for w in self._workers.values()}
+
     def holds_tasks_of(self, session: bytes) -> bool:
         """Return True while the scheduler holds tasks or results of client ``session``."""
         return session in self._clients

@@ -142,6 +142,7 @@ class Broker:
         self._sessions: dict[bytes, _Session] = {}
         self._routes: dict[bytes, _Session] = {}
         self._owners: dict[bytes, str] = {}  # session id -> the User-Id that owns it
+        self._warned: set[tuple[bytes, tuple[tuple[str, str], ...]]] = set()
         self._counts = {"malformed": 0, "forbidden": 0, "refused": 0}
         self._outbox: list[Out] = []  # to sessions, sent after the journal commit
         self._direct: list[tuple[bytes, p.Message]] = []  # to connections without a session
@@ -482,8 +483,10 @@ class Broker:
             case p.Submit(task=task, requires=requires, payload=payload):
                 requires = {**requires, "runtime": session.runtime}
                 verdict, outs = sched.submit(sid, task, payload, now, requires)
-                if verdict is Admission.ACCEPTED and journal is not None:
-                    journal.submit(sid, task, requires, payload, session.user)
+                if verdict is Admission.ACCEPTED:
+                    if journal is not None:
+                        journal.submit(sid, task, requires, payload, session.user)
+                    self._warn_if_unrunnable(session, requires)
                 out += outs
             case p.Result():
                 out += sched.result(sid, message, now)
@@ -507,6 +510,20 @@ class Broker:
                 log.info("%s %r reports error %r: %r", session.role, session.name, code, text)
             case _:  # Heartbeat: touching the session was all
                 pass
+
+    def _warn_if_unrunnable(self, session: _Session, requires: dict[str, str]) -> None:
+        # version skew is the most common cluster mistake: name both sides, once per client
+        key = (session.id, tuple(sorted(requires.items())))
+        if key in self._warned or self._sched.runnable(requires):
+            return
+        if len(self._warned) < 10_000:
+            self._warned.add(key)
+        log.warning(
+            "client %r submits tasks needing %s; no connected worker matches (workers run %s)",
+            session.name,
+            requires,
+            sorted(self._sched.worker_labels("runtime")),
+        )
 
     def _end(self, session: _Session, now: float, reason: str | None) -> None:
         """End a session: BYE (``reason`` None) or lost."""

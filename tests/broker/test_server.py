@@ -71,7 +71,9 @@ def test_a_task_travels_client_broker_worker_and_back(
     assert broker.statistics().tasks.tasks_done == 1
 
 
-def test_tasks_only_reach_workers_of_the_same_runtime(start_broker: Start) -> None:
+def test_tasks_only_reach_workers_of_the_same_runtime(
+    start_broker: Start, caplog: pytest.LogCaptureFixture
+) -> None:
     broker = start_broker()
     with peers(broker.address) as make:
         client, other, same = make(), make(), make()
@@ -81,6 +83,10 @@ def test_tasks_only_reach_workers_of_the_same_runtime(start_broker: Start) -> No
         client.send(p.Submit(b"t"))
         client.expect(p.Ack)
         assert other.silent()
+        assert "needing {'runtime': 'py3.11/cloudpickle3.1'}; no connected worker matches" in (
+            caplog.text
+        )
+        assert "workers run ['py3.10/cloudpickle3.1']" in caplog.text
         same.hello("worker", capacity=1)
         assert same.expect(p.Dispatch).task == client.session + b"t"
     assert runtime_tag(PY, CP) == "py3.11/cloudpickle3.1"
@@ -325,3 +331,18 @@ def test_accepted_tasks_survive_a_broker_restart(start_broker: Start, tmp_path: 
         assert results == [(b"a", (b"a",)), (b"b", (b"b",)), (b"c", (b"c",))]
         client.send(p.Submit(b"d"))
         assert client.expect(p.Reject).code == "duplicate"
+
+
+def test_the_broker_heartbeats_idle_peers_and_forgets_silent_ones(start_broker: Start) -> None:
+    broker = start_broker(heartbeat=0.05, liveness=3)
+    with peers(broker.address) as make:
+        peer = make()
+        peer.hello("admin")
+        assert isinstance(peer.take(timeout=5), p.Heartbeat)
+        # the peer never answers: after heartbeat * liveness its session is dropped, and the
+        # broker's heartbeats stop
+        while isinstance(peer.take(timeout=1), p.Heartbeat):
+            pass
+        assert broker.statistics().sessions == 0
+        peer.send(p.Status())
+        assert peer.expect(p.Error).code == "hello-required"

@@ -49,7 +49,8 @@ def report_identity(block: _shm.Block) -> None:
     me = fabric.local.current_process()
     parent = fabric.local.parent_process()
     assert parent is not None
-    fields = (me.name, me.pid, os.getpid(), me.daemon, parent.name, parent.pid, me.is_alive())
+    alive = me.is_alive() and parent.is_alive()
+    fields = (me.name, me.pid, os.getpid(), me.daemon, parent.name, parent.pid, alive)
     text = "|".join(map(str, fields))
     write(block, text.encode().ljust(200))
 
@@ -508,3 +509,41 @@ def test_fds_are_released_by_close_and_by_collection(ctx: Context) -> None:
     del proc
     gc.collect()
     assert open_fds() <= before
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_threads_start_processes_concurrently(method: str) -> None:
+    ctx = fabric.local.get_context(method)
+    blocks = [_shm.allocate(16) for _ in range(8)]
+    barrier = threading.Barrier(4)
+    codes: list[int | None] = []
+
+    def starter(mine: list[_shm.Block]) -> None:
+        barrier.wait(TIMEOUT)
+        procs = [ctx.Process(target=write, args=(b, b"ok")) for b in mine]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(TIMEOUT)
+            codes.append(proc.exitcode)
+
+    threads = [threading.Thread(target=starter, args=(blocks[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert codes == [0] * 8
+    assert all(bytes(b.buffer[:2]) == b"ok" for b in blocks)
+
+
+def test_unpicklable_excepthook_falls_back_to_the_default(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    lock = threading.Lock()
+    monkeypatch.setattr(fabric.local, "excepthook", lambda args: lock.locked())
+    proc = fabric.local.get_context("spawn").Process(target=raise_value_error, args=("x",))
+    with caplog.at_level("WARNING", logger="fabric.local._launch"):
+        proc.start()
+    proc.join(TIMEOUT)
+    assert proc.exitcode == 1 and isinstance(proc.exception, ValueError)
+    assert "cannot be pickled" in caplog.text

@@ -116,3 +116,21 @@ def test_a_task_that_kills_its_process_is_reported_not_retried_forever(cluster: 
     process.join(120)
     assert process.exitcode == -signal.SIGKILL
     assert mgr.Executor().submit(abs, -4).result(timeout=60) == 4  # the node still serves
+
+
+def test_map_shows_a_progress_bar_when_asked(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tqdm")
+    cluster.node(processes=2)
+    mgr = cluster.manager()
+    assert list(mgr.Executor().map(abs, range(-10, 0), progress="force", chunksize=3)) == list(
+        range(10, 0, -1)
+    )
+    assert "10/10" in capsys.readouterr().err
+    assert mgr.Pool().map(abs, range(-6, 0), progress="force") == list(range(6, 0, -1))
+    assert "6/6" in capsys.readouterr().err
+    list(mgr.Executor().map(abs, range(3)))
+    assert capsys.readouterr().err == ""  # off by default
+    with pytest.raises(ValueError, match="progress must be"):
+        mgr.Executor().map(abs, range(3), progress="yes")  # type: ignore[arg-type]
