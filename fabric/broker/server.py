@@ -244,6 +244,7 @@ class Broker:
             return
         try:
             with context.socket(zmq.PUSH) as push:
+                push.linger = 0  # never hold up the loop's context termination
                 push.connect(self._wake_address)
                 push.send(b"", zmq.NOBLOCK)
         except zmq.ZMQError:

@@ -346,3 +346,23 @@ def test_the_broker_heartbeats_idle_peers_and_forgets_silent_ones(start_broker: 
         assert broker.statistics().sessions == 0
         peer.send(p.Status())
         assert peer.expect(p.Error).code == "hello-required"
+
+
+def test_close_is_idempotent_and_releases_the_port(start_broker: Start) -> None:
+    import zmq
+
+    broker = start_broker()
+    address = broker.address
+    broker.close()
+    broker.close()
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
+        sock.bind(address)  # the port is free again
+
+
+def test_a_broker_that_cannot_open_its_journal_does_not_start(tmp_path: Path) -> None:
+    from fabric.broker.journal import JournalError
+
+    broker = Broker(journal=tmp_path)  # a directory
+    with pytest.raises(JournalError, match="cannot use"):
+        broker.start()
+    broker.close()
