@@ -43,6 +43,11 @@ class Runtime:
     cloudpickle: str = cloudpickle.__version__
 
 
+def compatible(a: str, b: str) -> bool:
+    """Return whether two versions agree on major.minor (what pickles depend on)."""
+    return a.split(".")[:2] == b.split(".")[:2]
+
+
 class LinkRefused(Exception):
     """The broker refused our HELLO; ``error`` is the FabricError to raise to the user."""
 
@@ -81,7 +86,7 @@ class Link:
         self.session = os.urandom(16)
         self._role, self._name, self._curve = role, name, curve
         self._capacity = capacity
-        self._runtime = runtime or Runtime()
+        self.runtime = runtime or Runtime()
         self._on_welcome = on_welcome
         self.socket: zmq.Socket[bytes] | None = None
         self.ready = False
@@ -191,8 +196,8 @@ class Link:
                 role=self._role,
                 name=self._name,
                 session=self.session,
-                python=self._runtime.python,
-                cloudpickle=self._runtime.cloudpickle,
+                python=self.runtime.python,
+                cloudpickle=self.runtime.cloudpickle,
                 capacity=self._capacity(),
                 pid=os.getpid(),
                 host=_socket.gethostname(),
