@@ -345,10 +345,13 @@ class Connection:
         with self._lock:
             outbox, self._outbox = self._outbox, []
             done, self._done = self._done, []
-        for message in outbox:
-            self._link.send(message)
         if done:
-            self._link.send(Done(tasks=tuple(done)))
+            outbox.append(Done(tasks=tuple(done)))
+        for sent, message in enumerate(outbox):
+            if not self._link.send(message):  # the socket is full: keep the rest, in order
+                with self._lock:
+                    self._outbox[:0] = outbox[sent:]
+                return
 
     def _resend(self, welcome: Welcome) -> None:
         """Re-send what the broker has not acknowledged, in order, on a new session."""
@@ -419,10 +422,11 @@ class Connection:
         return min(times, default=now + 3600.0)
 
     def _resend_rejected(self, now: float) -> None:
-        for task in list(self._tasks.values()):
-            if task.resend_at and task.resend_at <= now:
-                task.resend_at = 0.0
-                self._link.send(task.message)
+        with self._lock:  # user threads add tasks while this walks them
+            due = [t for t in self._tasks.values() if t.resend_at and t.resend_at <= now]
+        for task in due:
+            # not sent (link down or full): try again shortly; a new session re-sends it anyway
+            task.resend_at = 0.0 if self._link.send(task.message) else now + 0.05
 
     def _check_lost(self, now: float) -> None:
         """Fail everything in flight once the broker has been gone for reconnect_timeout."""

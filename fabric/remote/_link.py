@@ -98,16 +98,23 @@ class Link:
 
     # --- sending ------------------------------------------------------------------
     def send(self, message: Message) -> bool:
-        """Send if the session is open; return False (the owner keeps it to re-send) if not."""
+        """Send if the session is open and the socket takes it; False: the owner keeps it.
+
+        Never blocks: a socket at its high-water mark (a broker that stopped reading)
+        refuses the message rather than stall the thread that also runs heartbeats.
+        """
         if not self.ready or self.socket is None:
             return False
-        self._send(message)
-        return True
+        return self._send(message)
 
-    def _send(self, message: Message) -> None:
+    def _send(self, message: Message) -> bool:
         assert self.socket is not None
-        self.socket.send_multipart(encode(message), copy=False)
+        try:
+            self.socket.send_multipart(encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
         self._last_sent = time.monotonic()
+        return True
 
     # --- receiving ----------------------------------------------------------------
     def receive(self) -> list[Message]:
