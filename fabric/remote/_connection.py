@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import os
+import pickle
 import queue
 import select
 import threading
@@ -51,9 +52,9 @@ from fabric.broker.protocol import (
     Submit,
     Welcome,
 )
-from fabric.errors import BrokerUnavailable, FabricError
-from fabric.remote._host import TICK, ObjectHost
-from fabric.remote._link import Link, LinkRefused, Runtime
+from fabric.errors import BrokerUnavailable, FabricError, VersionMismatchError
+from fabric.remote._host import RUNTIME, TICK, ObjectHost
+from fabric.remote._link import Link, LinkRefused, Runtime, compatible
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,28 @@ class Connection:
                 self._post_call(Call(host=host, call=next(self._seq), object=obj_id, method=TICK))
                 pause = min(max(pause, 0.005) * 2, 1.0)
         return self._await(pending)
+
+    def check_runtime(self) -> None:
+        """Refuse a broker whose object host runs another Python or cloudpickle (X.Y).
+
+        The host unpickles every call this client makes, so a mismatch would fail
+        inside unpickling later; VersionMismatchError names both runtimes now. A
+        broker with no built-in host has nothing to compare and passes.
+        """
+        try:
+            reply = self.call("", "", RUNTIME, b"", 0.0)
+        except BrokerUnavailable:
+            return  # no built-in host ("no-host")
+        python, cloudpickle_version = pickle.loads(reply)[1]
+        ours = self._link.runtime
+        if not (
+            compatible(python, ours.python) and compatible(cloudpickle_version, ours.cloudpickle)
+        ):
+            raise VersionMismatchError(
+                f"this client runs Python {ours.python} with cloudpickle {ours.cloudpickle}; "
+                f"the broker's object host at {self.address} runs Python {python} with "
+                f"cloudpickle {cloudpickle_version}: install matching versions"
+            )
 
     def create(self, host: str, typeid: str, name: str, payload: bytes) -> bytes:
         """Send one CREATE and return its reply payload."""
@@ -322,10 +345,13 @@ class Connection:
         with self._lock:
             outbox, self._outbox = self._outbox, []
             done, self._done = self._done, []
-        for message in outbox:
-            self._link.send(message)
         if done:
-            self._link.send(Done(tasks=tuple(done)))
+            outbox.append(Done(tasks=tuple(done)))
+        for sent, message in enumerate(outbox):
+            if not self._link.send(message):  # the socket is full: keep the rest, in order
+                with self._lock:
+                    self._outbox[:0] = outbox[sent:]
+                return
 
     def _resend(self, welcome: Welcome) -> None:
         """Re-send what the broker has not acknowledged, in order, on a new session."""
@@ -396,10 +422,11 @@ class Connection:
         return min(times, default=now + 3600.0)
 
     def _resend_rejected(self, now: float) -> None:
-        for task in list(self._tasks.values()):
-            if task.resend_at and task.resend_at <= now:
-                task.resend_at = 0.0
-                self._link.send(task.message)
+        with self._lock:  # user threads add tasks while this walks them
+            due = [t for t in self._tasks.values() if t.resend_at and t.resend_at <= now]
+        for task in due:
+            # not sent (link down or full): try again shortly; a new session re-sends it anyway
+            task.resend_at = 0.0 if self._link.send(task.message) else now + 0.05
 
     def _check_lost(self, now: float) -> None:
         """Fail everything in flight once the broker has been gone for reconnect_timeout."""

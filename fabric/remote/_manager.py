@@ -98,6 +98,7 @@ class Manager:
                 self._address = self._cluster.address
             try:
                 self._conn = self._open(role="client", name="")
+                self._conn.check_runtime()
                 if self._host is not None:
                     self._host_conn = self._open(role="host", name=self._name, host=self._host)
             except BaseException:

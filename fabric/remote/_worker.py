@@ -97,6 +97,7 @@ class WorkerNode:
         )
         self._slots: list[_Slot] = []
         self._unacked: dict[tuple[bytes, int], Result] = {}
+        self._unsent: list[tuple[bytes, int]] = []
         self._draining = False
         self._stop_now = False
         self._wake_r, self._wake_w = os.pipe()
@@ -158,6 +159,8 @@ class WorkerNode:
                 for message in self._link.receive():
                     self._on_message(message)
             self._link.tick(time.monotonic())
+            if self._unsent and self._link.ready:
+                self._retry_unsent()
         if self._link.ready and not self._stop_now:
             self._link.say_bye(Bye())
         log.info("worker node %s drained", self.name)
@@ -232,8 +235,10 @@ class WorkerNode:
         )
 
     def _report(self, result: Result) -> None:
-        self._unacked[(result.task, result.attempt)] = result
-        self._link.send(result)
+        key = (result.task, result.attempt)
+        self._unacked[key] = result
+        if not self._link.send(result):
+            self._unsent.append(key)  # the link is down or full: try again (or on WELCOME)
 
     def _cancel(self, message: Cancel) -> None:
         for slot in self._slots:
@@ -245,9 +250,18 @@ class WorkerNode:
         # HELLO's capacity already counted the slots these results freed, and the
         # broker takes it as our whole credit: re-sent with their credit, they would
         # let it dispatch more tasks than we have slots (seen after a broker restart).
+        self._unsent = []
         for key, result in self._unacked.items():
             self._unacked[key] = replace(result, credit=0)
-            self._link.send(self._unacked[key])
+            if not self._link.send(self._unacked[key]):
+                self._unsent.append(key)
+
+    def _retry_unsent(self) -> None:
+        keys, self._unsent = self._unsent, []
+        for key in keys:
+            result = self._unacked.get(key)
+            if result is not None and not self._link.send(result):
+                self._unsent.append(key)
 
     # --- task processes ---------------------------------------------------------------
     def _spawn(self) -> _Slot:

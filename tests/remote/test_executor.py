@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -13,7 +14,7 @@ import pytest
 
 from fabric.errors import WorkerLostError
 from fabric.remote import RemoteTraceback
-from tests.remote.conftest import Cluster
+from tests.remote.conftest import HEARTBEAT, LIVENESS, Cluster, start_broker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -134,3 +135,18 @@ def test_map_shows_a_progress_bar_when_asked(
     assert capsys.readouterr().err == ""  # off by default
     with pytest.raises(ValueError, match="progress must be"):
         mgr.Executor().map(abs, range(3), progress="yes")  # type: ignore[arg-type]
+
+
+def test_a_busy_broker_pushes_back_and_every_task_still_runs(keydir: Path) -> None:
+    from fabric.broker.scheduler import Limits
+
+    limits = Limits(max_tasks=2, liveness_timeout=HEARTBEAT * LIVENESS)
+    busy = Cluster(keydir, start_broker(keydir, limits=limits))
+    try:
+        busy.node(processes=1)
+        ex = busy.manager().Executor()
+        futures = [ex.submit(abs, -i) for i in range(12)]  # 10 of them are refused at first
+        assert [f.result(timeout=60) for f in futures] == list(range(12))
+        assert busy.broker.statistics().tasks.rejected_busy > 0
+    finally:
+        busy.close()

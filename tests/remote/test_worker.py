@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from fabric.errors import BrokerUnavailable
 from fabric.remote import Manager
+from tests.remote._tcpproxy import CuttableProxy
 from tests.remote.conftest import HEARTBEAT, LIVENESS, Cluster, start_broker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -154,3 +156,39 @@ def test_a_paused_node_is_fenced_off_then_rejoins(cluster: Cluster) -> None:
     assert ex.submit(os.getppid).result(timeout=60) == paused.pid
     assert nodes.copy() == [paused.pid, other.pid]
     assert cluster.broker.statistics().tasks.duplicates >= 1
+
+
+def test_a_node_cut_off_from_the_broker_reconnects_and_delivers(cluster: Cluster) -> None:
+    host, port = cluster.address.removeprefix("tcp://").rsplit(":", 1)
+    proxy = CuttableProxy((host, int(port)))
+    try:
+        command = [
+            sys.executable,
+            "-m",
+            "fabric.remote.cli",
+            "worker",
+            proxy.address,
+            "--processes",
+            "1",
+            "--keys",
+            str(cluster.keys),
+            "--name",
+            "cut",
+        ]
+        node = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        cluster.nodes.append(node)
+        mgr = cluster.manager()
+        nodes, started, go = mgr.list(), mgr.Event(), mgr.Event()
+        future = mgr.Executor().submit(record_then_wait, nodes, started, go)
+        assert started.wait(60)
+        proxy.cut()  # the node hears nothing more and is declared dead by the broker
+        go.set()  # the task still finishes; its result waits on the node
+        deadline = time.monotonic() + 30
+        while cluster.broker.statistics().tasks.workers and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the broker's view, not synchronising the test
+        assert cluster.broker.statistics().tasks.workers == 0
+        proxy.restore()
+        assert future.result(timeout=60) == node.pid  # delivered once, after the reconnect
+        assert mgr.Executor().submit(abs, -8).result(timeout=60) == 8
+    finally:
+        proxy.close()
