@@ -397,3 +397,16 @@ def test_a_worker_cut_off_and_back_delivers_once_and_the_rerun_is_cancelled(
         assert client.silent(0.3)  # no second result
     stats = broker.statistics().tasks
     assert (stats.tasks_done, stats.duplicates, stats.retries) == (1, 1, 1)
+
+
+def test_sessions_past_the_limit_are_refused(start_broker: Start) -> None:
+    broker = start_broker(max_sessions=1)
+    with peers(broker.address) as make:
+        first, second = make(), make()
+        first.keepalive = 0.05
+        first.hello("client")
+        second.send(p.Hello("client", "late", second.session, PY, CP))
+        refuse = second.expect(p.Refuse)
+        assert (refuse.code, refuse.reason) == ("busy", "the broker holds 1 sessions")
+        first.send(p.Status())
+        assert first.expect(p.Stats).stats["sessions"] == 1
