@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench._harness import Stats
 
@@ -31,6 +32,7 @@ class Lines:
     logx: bool = True
     logy: bool = True
     xticks: dict[float, str] = field(default_factory=dict)  # x -> label; empty: matplotlib's
+    references: set[str] = field(default_factory=set)  # computed, not measured: dashed
 
     def add(self, candidate: str, x: float, stats: Stats) -> None:
         self.series.setdefault(candidate, []).append((x, stats))
@@ -83,7 +85,10 @@ def _draw_lines(ax: object, figure: Lines) -> None:
     for candidate, points in figure.series.items():
         points = sorted(points, key=lambda p: p[0])
         xs = [x for x, _ in points]
-        (line,) = ax.plot(xs, [s.median for _, s in points], marker="o", ms=3, label=candidate)
+        style: dict[str, Any] = (
+            {"ls": "--", "color": "gray"} if candidate in figure.references else {"marker": "o"}
+        )
+        (line,) = ax.plot(xs, [s.median for _, s in points], ms=3, label=candidate, **style)
         ax.fill_between(
             xs,
             [s.min for _, s in points],

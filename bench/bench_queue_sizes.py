@@ -28,8 +28,8 @@ from bench._harness import Stats, Table
 from bench._plots import Lines, Samples
 
 SIZES = [64 << (2 * i) for i in range(9)]  # 64 B .. 4 MiB by x4
-BYTES_PER_RUN = 32 << 20
-MIN_COUNT, MAX_COUNT = 32, 20_000
+BYTES_PER_RUN = 64 << 20
+MIN_COUNT, MAX_COUNT = 32, 50_000
 TABLE_SIZES = (64, 64 << 10, 4 << 20)
 ROUND_TRIPS = 1_000
 TIMEOUT = 120.0

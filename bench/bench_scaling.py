@@ -37,6 +37,7 @@ NOOP_TASKS = 1_000
 TIMEOUT = 300.0
 FABRIC = [sys.executable, "-m", "fabric"]
 FLOOR = "raw pyzmq floor"
+IDEAL = "ideal: nodes / task time"
 
 _FLOOR_BROKER = """
 import sys, zmq
@@ -231,7 +232,8 @@ def run(repeats: int) -> list[Table | Lines]:
             sleep_plot.add(name, nodes, sleep_tps[name, nodes])
             noop_plot.add(name, nodes, noop_tps[name, nodes])
     for nodes in NODES:
-        sleep_plot.add("ideal: nodes / task time", nodes, Stats((nodes / SLEEP,)))
+        sleep_plot.add(IDEAL, nodes, Stats((nodes / SLEEP,)))
+    sleep_plot.references.add(IDEAL)
     out: list[Table | Lines] = []
     for label, per_node, figures, count in (
         (f"sleep {SLEEP * 1e3:g} ms", True, sleep_tps, SLEEP_TASKS_PER_NODE),

@@ -72,7 +72,7 @@ def _header(argv: list[str]) -> str:
         '!!! warning "Shared machine"\n'
         "    These figures were taken on a small virtual machine shared with other jobs that\n"
         "    were running at the same time, so absolute figures are noisy and low. Compare the\n"
-        "    rows of one table with each other (they alternate, so load hits them alike), and\n"
+        "    rows of one table with each other rather than with figures from elsewhere, and\n"
         "    look at the min-max spread before trusting a ratio. Run the command above on your\n"
         "    own machine.\n"
     )
