@@ -366,3 +366,47 @@ def test_a_broker_that_cannot_open_its_journal_does_not_start(tmp_path: Path) ->
     with pytest.raises(JournalError, match="cannot use"):
         broker.start()
     broker.close()
+
+
+def test_a_worker_cut_off_and_back_delivers_once_and_the_rerun_is_cancelled(
+    start_broker: Start,
+) -> None:
+    broker = start_broker(heartbeat=0.05, liveness=4)
+    with peers(broker.address) as make:
+        client, w1, w2 = make(), make(), make()
+        client.keepalive = w2.keepalive = 0.02
+        client.hello("client")
+        w1.hello("worker", "w1", capacity=1)
+        client.send(p.Submit(b"t"))
+        client.expect(p.Ack)
+        first = w1.expect(p.Dispatch)  # then w1 is cut off (silent) past its liveness
+        w2.hello("worker", "w2", capacity=1)
+        second = None
+        while not isinstance(second, p.Dispatch):  # the client and w2 keep talking meanwhile
+            client.send(p.Heartbeat())
+            w2.send(p.Heartbeat())
+            second = w2.take(0.02)
+        assert (first.attempt, second.attempt) == (1, 2)
+        w1.hello("worker", "w1", capacity=0)  # back, on the same session, with its old result
+        w1.send(p.Result(first.task, 1, "ok", credit=1, payload=(b"from w1",)))
+        assert w1.expect(p.Ack) == p.Ack(first.task, 1)
+        assert client.expect(p.Result) == p.Result(b"t", 1, "ok", payload=(b"from w1",))
+        assert w2.expect(p.Cancel) == p.Cancel(second.task, 2)
+        w2.send(p.Result(second.task, 2, "ok", credit=1, payload=(b"from w2",)))
+        assert w2.expect(p.Ack) == p.Ack(second.task, 2)
+        assert client.silent(0.3)  # no second result
+    stats = broker.statistics().tasks
+    assert (stats.tasks_done, stats.duplicates, stats.retries) == (1, 1, 1)
+
+
+def test_sessions_past_the_limit_are_refused(start_broker: Start) -> None:
+    broker = start_broker(max_sessions=1)
+    with peers(broker.address) as make:
+        first, second = make(), make()
+        first.keepalive = 0.05
+        first.hello("client")
+        second.send(p.Hello("client", "late", second.session, PY, CP))
+        refuse = second.expect(p.Refuse)
+        assert (refuse.code, refuse.reason) == ("busy", "the broker holds 1 sessions")
+        first.send(p.Status())
+        assert first.expect(p.Stats).stats["sessions"] == 1
