@@ -39,9 +39,13 @@ N_TRIPS = 200
 WORKERS = 2
 
 _FLOOR_WORKER = """
-import sys, zmq, cloudpickle
+import os, sys, zmq, cloudpickle
+parent = os.getppid()
 ctx = zmq.Context(); s = ctx.socket(zmq.DEALER); s.connect(sys.argv[1]); s.send(b"R")
 while True:
+    while not s.poll(1000):
+        if os.getppid() != parent:  # the benchmark died: do not outlive it
+            sys.exit(1)
     tid, blob = s.recv_multipart()
     if not blob:
         break

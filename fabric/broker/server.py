@@ -83,6 +83,13 @@ def runtime_tag(python: str, cloudpickle: str) -> str:
     return "py{}/cloudpickle{}".format(*(".".join(v.split(".")[:2]) for v in (python, cloudpickle)))
 
 
+def local_runtime() -> tuple[str, str]:
+    """Return this process's Python and cloudpickle versions (without importing cloudpickle)."""
+    from importlib.metadata import version
+
+    return platform.python_version(), version("cloudpickle")
+
+
 class Broker:
     """Route tasks from clients to workers and object calls to hosts.
 
@@ -123,7 +130,12 @@ class Broker:
         self._bind = bind[:-2] + ":*" if bind.endswith(":0") else bind
         self._journal_path = Path(journal) if journal is not None else None
         self._fsync: FsyncPolicy = fsync
+        services = tuple(services)
         self._objects = ObjectRouter(services)
+        # In-loop services unpickle what peers send in this process, so with any
+        # service every peer must run this process's runtime: refuse the others
+        # at HELLO, naming both, rather than fail later inside unpickling.
+        self._runtime = local_runtime() if services else None
         self.heartbeat = heartbeat
         self.liveness = liveness
         # the deadline the broker enforces is the one it announces in WELCOME
@@ -461,6 +473,16 @@ class Broker:
                 allowed = sorted(identity.roles) if identity else []
                 return p.Refuse(
                     "role", f"this key may not act as {hello.role} (allowed: {allowed})"
+                )
+        if self._runtime is not None and hello.role != "admin":
+            ours = runtime_tag(*self._runtime)
+            if runtime_tag(hello.python, hello.cloudpickle) != ours:
+                python, cloudpickle = self._runtime
+                return p.Refuse(
+                    "runtime",
+                    f"{hello.role} {hello.name!r} runs Python {hello.python} with cloudpickle "
+                    f"{hello.cloudpickle}, but this cluster runs Python {python} with cloudpickle "
+                    f"{cloudpickle}: install matching versions (X.Y must agree)",
                 )
         owner = self._owners.get(hello.session)
         if owner is not None and owner != user:

@@ -92,6 +92,20 @@ def test_tasks_only_reach_workers_of_the_same_runtime(
     assert runtime_tag(PY, CP) == "py3.11/cloudpickle3.1"
 
 
+def test_with_a_service_a_peer_of_another_runtime_is_refused_naming_both(
+    start_broker: Start,
+) -> None:
+    broker = start_broker(services=[CountingService()])
+    with peers(broker.address) as make:
+        old, same = make(), make()
+        old.send(p.Hello("worker", "old", old.session, "3.10.1", CP, capacity=1))
+        refuse = old.expect(p.Refuse)
+        assert refuse.code == "runtime"
+        assert "Python 3.10.1" in refuse.reason and f"Python {PY}" in refuse.reason
+        same.hello("worker", capacity=1)
+    assert broker.statistics().refused == 1
+
+
 def test_messages_before_hello_wrong_role_and_bad_frames_get_errors(start_broker: Start) -> None:
     broker = start_broker()
     with peers(broker.address) as make:

@@ -152,11 +152,11 @@ def test_a_client_of_another_runtime_is_refused_naming_both(cluster: Cluster) ->
 
     curve = load_curve(cluster.keys, "client")
     older = Runtime(python="3.9.18", cloudpickle=cloudpickle.__version__)
-    with (
-        Connection(cluster.address, curve=curve, runtime=older) as conn,
+    with (  # refused at the handshake: the broker hosts objects, so it checks runtimes
         pytest.raises(VersionMismatchError) as caught,
+        Connection(cluster.address, curve=curve, runtime=older),
     ):
-        conn.check_runtime()
+        pass
     text = str(caught.value)
     assert "3.9.18" in text and platform.python_version() in text
     same = Runtime(python=platform.python_version(), cloudpickle=cloudpickle.__version__)
