@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -183,7 +184,7 @@ def _consume(t: Transport, state: Any, i: int, n: int, ready: Any, go: Any, done
 def _throughput(t: Transport, procs: int, msg: Any, count: int) -> float:
     """Messages per second from ``procs`` producers to ``procs`` consumers."""
     state = t.make(procs)
-    ready, go, end, done = _mp.Semaphore(0), _mp.Event(), _mp.Event(), _mp.SimpleQueue()
+    ready, go, end, done = _mp.Semaphore(0), _mp.Event(), _mp.Event(), _mp.Queue()
     per = count // procs
     children = [
         _mp.Process(target=_produce, args=(t, state, i, [msg] * per, ready, go, end))
@@ -197,7 +198,11 @@ def _throughput(t: Transport, procs: int, msg: Any, count: int) -> float:
         ready.acquire()
     start = time.perf_counter()
     go.set()
-    got = sum(done.get() for _ in range(procs))
+    try:
+        got = sum(done.get(timeout=600) for _ in range(procs))
+    except queue.Empty:
+        codes = [c.exitcode for c in children]
+        raise RuntimeError(f"consumers did not finish; exit codes {codes}") from None
     elapsed = time.perf_counter() - start
     end.set()
     for c in children:
