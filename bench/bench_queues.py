@@ -42,12 +42,34 @@ _mp = multiprocessing.get_context("fork")
 _ZMQ_ADDR = "ipc:///tmp/fabric-bench-{}-{}"
 
 
+class _Failed(Exception):
+    """A candidate's processes failed (a peer's own error, reported in the table)."""
+
+
+_failures: dict[str, str] = {}
+
+
 def _interleaved(measures: Mapping[str, Callable[[], float]], repeats: int) -> dict[str, Stats]:
+    """Measure each candidate once per round; a candidate that fails is dropped
+    from the table and its error recorded in ``_failures`` for the note."""
     values: dict[str, list[float]] = {name: [] for name in measures}
     for _ in range(repeats):
         for name, measure in measures.items():
-            values[name].append(measure())
-    return {name: Stats(tuple(v)) for name, v in values.items()}
+            if name in _failures:
+                continue
+            try:
+                values[name].append(measure())
+            except _Failed as exc:
+                _failures[name] = str(exc)
+    return {name: Stats(tuple(v)) for name, v in values.items() if name not in _failures}
+
+
+def _failure_note() -> str:
+    if not _failures:
+        return ""
+    text = "; ".join(f"{name}: {err}" for name, err in _failures.items())
+    _failures.clear()
+    return f" Failed, so not shown: {text}."
 
 
 # ------------------------------------------------------------------ transports
@@ -198,11 +220,17 @@ def _throughput(t: Transport, procs: int, msg: Any, count: int) -> float:
         ready.acquire()
     start = time.perf_counter()
     go.set()
-    try:
-        got = sum(done.get(timeout=600) for _ in range(procs))
-    except queue.Empty:
-        codes = [c.exitcode for c in children]
-        raise RuntimeError(f"consumers did not finish; exit codes {codes}") from None
+    got, reports = 0, 0
+    while reports < procs:
+        try:
+            got += done.get(timeout=1)
+            reports += 1
+        except queue.Empty:
+            if any(c.exitcode not in (None, 0) for c in children):
+                for c in children:
+                    c.kill()
+                    c.join()
+                raise _Failed(f"exit codes {[c.exitcode for c in children]}") from None
     elapsed = time.perf_counter() - start
     end.set()
     for c in children:
@@ -227,7 +255,7 @@ def _throughput_table(
     missing = []
     measures: dict[str, Callable[[], float]] = {}
     for name, t in _candidates(kind).items():
-        if t is not None and t.batch and count < 1000:
+        if t is not None and t.batch and len(msg) > 1 << 16:
             continue  # batches of 1000 big messages do not fit faster-fifo's buffer
         if t is None:
             missing.append(name)
@@ -235,6 +263,7 @@ def _throughput_table(
         measures[name] = lambda t=t: _throughput(t, procs, msg, count) * unit_scale
     for name, stats in _interleaved(measures, repeats).items():
         table.add(name, stats)
+    table.note += _failure_note()
     if missing:
         table.note += f" Not installed, so not measured: {', '.join(missing)}."
     return table
@@ -255,6 +284,7 @@ def _pipe_rows(table: Table, msg: Any, count: int, repeats: int, unit_scale: flo
     }
     for name, stats in _interleaved(measures, repeats).items():
         table.add(name, stats)
+    table.note += _failure_note()
 
 
 # ------------------------------------------------------------------ ping-pong
