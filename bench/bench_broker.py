@@ -29,6 +29,7 @@ from pathlib import Path
 import zmq
 
 from bench._harness import Stats, Table
+from bench._plots import Samples
 from fabric.broker import protocol as p
 from fabric.broker.keys import PeerKeys, generate
 
@@ -217,7 +218,7 @@ def _fabric_cluster(
         broker.stdout.close()
 
 
-def run(repeats: int) -> list[Table]:
+def run(repeats: int) -> list[Table | Samples]:
     """Measure the floor and fabric's broker variants; return the tables."""
     tput = Table(
         "no-op tasks, 1 client -> broker -> 2 workers", "tasks/s", baseline="raw ROUTER floor"
@@ -228,6 +229,7 @@ def run(repeats: int) -> list[Table]:
     p99 = Table(
         "single-task round trip, p99", "us", higher_is_better=False, baseline="raw ROUTER floor"
     )
+    dist = Samples("broker_round_trip", "Single-task round trip through the broker", "us")
     with tempfile.TemporaryDirectory() as tmp:
         keydir = str(Path(tmp) / "keys")
         generate(keydir)
@@ -251,6 +253,7 @@ def run(repeats: int) -> list[Table]:
                 for _ in range(repeats):
                     rates.append(_throughput(client))
                     times = sorted(_round_trips(client))
+                    dist.add(name, times)
                     medians.append(statistics.median(times))
                     tails.append(times[int(len(times) * 0.99)])
                 client.close()
@@ -263,4 +266,4 @@ def run(repeats: int) -> list[Table]:
         " task where the floor sends four messages."
     )
     tput.note = median.note = note
-    return [tput, median, p99]
+    return [tput, median, p99, dist]

@@ -7,8 +7,8 @@ Four tables, every row measured in the same run with the same worker count:
 * ``map`` throughput on 20k no-op tasks with each library's automatic chunks;
 * efficiency on 200 tasks of ~10 ms of pure-Python work, two ways: wall-clock
   (the same work split evenly over bare forked processes, no IPC, timed just
-  before, over the pool's wall time) and CPU (the work's own CPU time over all
-  the CPU the pool's processes spent); 100% is ideal;
+  before, over the pool's wall time) and CPU (those bare processes' CPU time
+  over all the CPU the pool's processes spent); 100% is ideal;
 * start-up: constructor to the first result of a trivial task.
 
 loky and mpire are optional (the ``bench`` extra); missing ones are skipped
@@ -21,6 +21,7 @@ import concurrent.futures as cf
 import importlib.util
 import multiprocessing
 import os
+import resource
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,7 +35,6 @@ N_CPU = 200
 CPU_TASK_S = 0.010
 
 _spins = 0  # loop count for ~CPU_TASK_S, calibrated once per run
-_work_cpu = 0.0  # CPU seconds of the N_CPU tasks run serially, measured once per run
 
 
 def noop(x: Any) -> Any:
@@ -238,8 +238,6 @@ def run(repeats: int) -> list[Table]:
         if _available(name):
             maps.add(name, _throughput(maker, runner, noop, list(range(N_NOOP)), workers, repeats))
 
-    global _work_cpu
-    _work_cpu = _cpu_of_work()
     wall = Table(
         f"{N_CPU} tasks of ~{CPU_TASK_S * 1e3:.0f} ms CPU each: wall-clock efficiency",
         "% of ideal",
@@ -249,10 +247,11 @@ def run(repeats: int) -> list[Table]:
     )
     cpu = Table(
         f"{N_CPU} tasks of ~{CPU_TASK_S * 1e3:.0f} ms CPU each: CPU efficiency",
-        "% (CPU time of the work / CPU time of all pool processes)",
+        "% (CPU time of the work alone / CPU time of all pool processes)",
         baseline="mp.Pool.map (auto chunks)",
-        note=note + f" Work alone: {_work_cpu:.2f} CPU s; pool processes counted from the "
-        "constructor to shutdown (workers reaped), so start-up and IPC are the overhead.",
+        note=note + " The work's CPU time is that of the bare processes of the wall-clock "
+        "table; pool processes are counted from the constructor to shutdown (workers reaped), "
+        "so start-up and IPC are the overhead.",
     )
     for name, (maker, runner) in CPU.items():
         if _available(name):
@@ -279,6 +278,11 @@ def run(repeats: int) -> list[Table]:
         if _available(name):
             startup.add(name, _startup(maker, workers, repeats))
     return [per_task, maps, wall, cpu, startup]
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _bare_wall(workers: int) -> float:
@@ -315,8 +319,12 @@ def _efficiency(
     items = [_spins] * N_CPU
     walls, cpus = [], []
     for _ in range(repeats):
-        ideal = _bare_wall(workers)  # right before, so both see the same machine load
-        before = os.times()
+        # Right before, so both see the same machine load; the bare processes' CPU
+        # time is the work's own CPU time under that load.
+        start_cpu = _cpu(resource.RUSAGE_CHILDREN)
+        ideal = _bare_wall(workers)
+        work_cpu = _cpu(resource.RUSAGE_CHILDREN) - start_cpu
+        before = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
         pool = maker(workers)
         try:
             start = time.perf_counter()
@@ -324,14 +332,6 @@ def _efficiency(
             walls.append(100.0 * ideal / (time.perf_counter() - start))
         finally:
             _shut(pool)
-        after = os.times()
-        spent = sum(after[:4]) - sum(before[:4])  # user+system, self+children
-        cpus.append(100.0 * _work_cpu / spent)
+        spent = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - before
+        cpus.append(100.0 * work_cpu / spent)
     return Stats(tuple(walls)), Stats(tuple(cpus))
-
-
-def _cpu_of_work() -> float:
-    start = time.process_time()
-    for _ in range(N_CPU):
-        spin(_spins)
-    return time.process_time() - start

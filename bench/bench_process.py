@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import fabric.local
-from bench._harness import Stats, Table, repeat
+from bench._harness import Stats, Table
 from bench._noop import noop
 
 BATCH = {"fork": 40, "forkserver": 40, "spawn": 8}
@@ -33,9 +33,15 @@ def _per_start_ms(make: Callable[..., Any], count: int) -> float:
     return (time.perf_counter() - start) / count * 1e3
 
 
-def _measure(make: Callable[..., Any], count: int, repeats: int) -> Stats:
-    _per_start_ms(make, 1)  # warm up: imports, fork server start
-    return repeat(lambda: _per_start_ms(make, count), repeats)
+def _side_by_side(makers: list[Callable[..., Any]], count: int, repeats: int) -> list[Stats]:
+    """Alternate the candidates batch by batch, so a change in machine load hits all alike."""
+    for make in makers:
+        _per_start_ms(make, 1)  # warm up: imports, fork server start
+    samples: list[list[float]] = [[] for _ in makers]
+    for _ in range(repeats):
+        for make, sample in zip(makers, samples, strict=True):
+            sample.append(_per_start_ms(make, count))
+    return [Stats(tuple(sample)) for sample in samples]
 
 
 def _compile_sources() -> None:
@@ -49,23 +55,21 @@ def _compile_sources() -> None:
 def run(repeats: int) -> list[Table]:
     _compile_sources()
     tables = []
-    thread = _measure(threading.Thread, BATCH["fork"], repeats)
     for method in ("fork", "forkserver", "spawn"):
         table = Table(
             f"Process start+join, {method}",
             "ms per start+join",
             higher_is_better=False,
             baseline=f"multiprocessing {method}",
-            note=f"{BATCH[method]} start+join per measurement; threading.Thread for scale.",
+            note=f"{BATCH[method]} start+join per measurement, the candidates alternating.",
         )
-        count = BATCH[method]
-        table.add(
-            f"multiprocessing {method}",
-            _measure(multiprocessing.get_context(method).Process, count, repeats),  # type: ignore[attr-defined]
-        )
-        table.add(
-            f"fabric {method}", _measure(fabric.local.get_context(method).Process, count, repeats)
-        )
-        table.add("threading.Thread", thread)
+        makers = [
+            multiprocessing.get_context(method).Process,  # type: ignore[attr-defined]
+            fabric.local.get_context(method).Process,
+            threading.Thread,
+        ]
+        names = [f"multiprocessing {method}", f"fabric {method}", "threading.Thread"]
+        for name, stats in zip(names, _side_by_side(makers, BATCH[method], repeats), strict=True):
+            table.add(name, stats)
         tables.append(table)
     return tables

@@ -11,7 +11,8 @@
 # Then build with:
 #   docker build -f docker/Dockerfile --build-arg BASE=fabric-base:bookworm \
 #       --build-arg BUILD_BASE=fabric-base:bookworm-build .
-# (docker/compose.yaml reads FABRIC_BASE and FABRIC_BUILD_BASE for the same purpose).
+# docker/compose.yaml reads FABRIC_BASE and FABRIC_BUILD_BASE for the same purpose,
+# from docker/.env, which this script writes.
 #
 # Environment: SUITE (bookworm), MIRROR (the Debian mirror from /etc/apt, else
 # deb.debian.org), FABRIC_BASE, FABRIC_BUILD_BASE (the tags), PYTHON (host python for pip).
@@ -101,4 +102,7 @@ else
     bootstrap_and_import "$build_tag" python3,python3-venv,ca-certificates,python3-dev,gcc,libc6-dev
 fi
 fetch_wheels
-log "ready: BASE=$runtime_tag BUILD_BASE=$build_tag, wheels in docker/wheels/"
+# docker compose reads this file beside compose.yaml, so the one-line check
+# builds on these images with no variable to export.
+printf 'FABRIC_BASE=%s\nFABRIC_BUILD_BASE=%s\n' "$runtime_tag" "$build_tag" >"$here/.env"
+log "ready: BASE=$runtime_tag BUILD_BASE=$build_tag (written to docker/.env), wheels in docker/wheels/"

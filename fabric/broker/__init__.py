@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fabric.broker.journal import Journal, JournalError
     from fabric.broker.keys import Keyring, PeerKeys, generate
-    from fabric.broker.scheduler import Limits, SchedulerStats, WorkerInfo
+    from fabric.broker.scheduler import Limits
     from fabric.broker.server import Broker, BrokerStats
     from fabric.broker.service import Service
     from fabric.broker.status import query
+    from fabric.broker.tasks import SchedulerStats, WorkerInfo
 
 __all__ = [
     "Broker",
@@ -42,8 +43,8 @@ _HOMES = {
     "PeerKeys": "keys",
     "generate": "keys",
     "Limits": "scheduler",
-    "SchedulerStats": "scheduler",
-    "WorkerInfo": "scheduler",
+    "SchedulerStats": "tasks",
+    "WorkerInfo": "tasks",
     "Service": "service",
     "query": "status",
 }

@@ -104,7 +104,6 @@ def _run_broker(args: argparse.Namespace, factories: Iterable[Callable[[], Servi
         max_tasks=args.max_tasks,
         max_bytes=args.max_bytes,
         max_retries=args.max_retries,
-        liveness_timeout=args.heartbeat * args.liveness,
     )
     broker = Broker(
         args.bind,

@@ -76,8 +76,11 @@ class Journal:
         self._pending: list[bytes] = []
         self._live: dict[bytes, tuple[int, int]] = {}  # key -> (offset, size) of its record
         self._dead = 0
-        self._replayed, self._forgotten = self._load()
-        self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the broker's life
+        try:
+            self._replayed, self._forgotten = self._load()
+            self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the broker's life
+        except OSError as exc:
+            raise JournalError(f"cannot use {self.path} as a journal: {exc}") from exc
 
     def replay(self) -> tuple[list[Submitted], list[bytes]]:
         """Return the tasks accepted and not forgotten, in order, and the forgotten keys."""

@@ -140,7 +140,7 @@ class Welcome(Message):
 
 @dataclass(frozen=True, slots=True)
 class Refuse(Message):
-    """Refuse a HELLO (``code``: version, runtime, role, session, busy); then silence."""
+    """Refuse a HELLO (``code``: version, role, session, name, busy); then silence."""
 
     TYPE: ClassVar[int] = 0x03
     code: str
@@ -190,7 +190,7 @@ class Ack(Message):
 
 @dataclass(frozen=True, slots=True)
 class Reject(Message):
-    """Refuse a SUBMIT (``code``: busy, duplicate, too-large, unrunnable).
+    """Refuse a SUBMIT (``code``: busy, duplicate, too-large).
 
     ``busy`` is back-pressure: re-send the SUBMIT after ``retry_after`` seconds.
     """
@@ -338,8 +338,8 @@ class Stats(Message):
 
 @dataclass(frozen=True, slots=True)
 class Error(Message):
-    """Report a message that could not be taken (``code``: malformed, forbidden,
-    hello-required, unknown)."""
+    """Report a message that could not be taken (``code``: malformed, version,
+    hello-required, forbidden)."""
 
     TYPE: ClassVar[int] = 0x7F
     code: str

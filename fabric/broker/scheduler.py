@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from fabric.broker.protocol import (
     SESSION_BYTES,
@@ -42,14 +41,23 @@ from fabric.broker.protocol import (
     Reject,
     Result,
 )
+from fabric.broker.tasks import (
+    Client,
+    Requires,
+    SchedulerStats,
+    State,
+    Task,
+    Worker,
+    WorkerInfo,
+    task_key,
+)
 
-__all__ = ["Admission", "Limits", "Out", "Scheduler", "SchedulerStats", "WorkerInfo"]
+__all__ = ["Admission", "Limits", "Out", "Scheduler", "SchedulerStats", "WorkerInfo", "task_key"]
 
 Out = tuple[bytes, Message]
 """A message to send: (session id of the destination, message)."""
 
 MAX_CREDIT = 1 << 16
-_Requires = tuple[tuple[str, str], ...]
 
 
 class Admission(enum.Enum):
@@ -58,12 +66,6 @@ class Admission(enum.Enum):
     ACCEPTED = "accepted"  # new: journal it, then send the ACK
     KNOWN = "known"  # a re-send of a task still held: ACK again, nothing to journal
     REJECTED = "rejected"  # busy, duplicate or too large: a REJECT is on its way
-
-
-class _State(enum.Enum):
-    QUEUED = "queued"
-    DISPATCHED = "dispatched"
-    RESULTED = "resulted"
 
 
 @dataclass(frozen=True)
@@ -82,90 +84,15 @@ class Limits:
     busy_retry_after: float = 0.05
 
 
-@dataclass(eq=False)
-class _Task:
-    key: bytes
-    requires: _Requires
-    payload: Payload
-    size: int
-    state: _State = _State.QUEUED
-    attempt: int = 1
-    losses: int = 0
-    crashes: list[str] = field(default_factory=list)
-    worker: bytes | None = None
-    result: Result | None = None
-
-    @property
-    def owner(self) -> bytes:
-        return self.key[:SESSION_BYTES]
-
-    @property
-    def lane(self) -> tuple[bytes, _Requires]:
-        return (self.owner, self.requires)
-
-
-@dataclass(eq=False)
-class _Worker:
-    session: bytes
-    name: str
-    host: str
-    pid: int
-    labels: dict[str, str]
-    credit: int
-    running: set[bytes] = field(default_factory=set)
-    done: int = 0
-    turn: int = 0  # when it last got a task, so ties go to the one that waited longest
-
-
-@dataclass(eq=False)
-class _Client:
-    present: bool = True
-    tasks: set[bytes] = field(default_factory=set)
-
-
-class WorkerInfo(NamedTuple):
-    """One worker as ``statistics()`` sees it."""
-
-    name: str
-    host: str
-    pid: int
-    credit: int
-    running: int
-    done: int
-    last_seen: float
-
-
-class SchedulerStats(NamedTuple):
-    """A snapshot of the scheduler's counters."""
-
-    queued: int
-    in_flight: int
-    awaiting_done: int
-    bytes: int
-    clients: int
-    workers: int
-    tasks_done: int
-    tasks_failed: int
-    retries: int
-    duplicates: int
-    rejected_busy: int
-    worker_list: tuple[WorkerInfo, ...]
-
-
-def task_key(session: bytes, task: bytes) -> bytes:
-    """Return the broker's id of a client's task."""
-    return session + task
-
-
 class Scheduler:
     """The broker's task table, credits, lanes and liveness deadlines. Not thread-safe."""
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
-        self._tasks: dict[bytes, _Task] = {}
-        self._lanes: OrderedDict[tuple[bytes, _Requires], deque[bytes]] = OrderedDict()
-        self._workers: dict[bytes, _Worker] = {}
-        self._clients: dict[bytes, _Client] = {}
+        self._tasks: dict[bytes, Task] = {}
+        self._lanes: OrderedDict[tuple[bytes, Requires], deque[bytes]] = OrderedDict()
+        self._workers: dict[bytes, Worker] = {}
+        self._clients: dict[bytes, Client] = {}
         self._deadlines: dict[bytes, float] = {}
         self._seen: dict[bytes, float] = {}
         self._held: OrderedDict[bytes, float] = OrderedDict()  # results for absent clients
@@ -202,7 +129,7 @@ class Scheduler:
         self.touch(session, now)
         credit = min(capacity, MAX_CREDIT)
         old = self._workers.get(session)
-        worker = _Worker(session, name, host, pid, dict(labels or {}), credit)
+        worker = Worker(session, name, host, pid, dict(labels or {}), credit)
         if old is not None:
             worker.running, worker.done, worker.turn = old.running, old.done, old.turn
         self._workers[session] = worker
@@ -211,7 +138,7 @@ class Scheduler:
     def add_client(self, session: bytes, now: float) -> list[Out]:
         """Welcome (back) a client; return every result it has not acknowledged yet."""
         self.touch(session, now)
-        client = self._clients.setdefault(session, _Client())
+        client = self._clients.setdefault(session, Client())
         client.present = True
         outs: list[Out] = []
         for key in sorted(client.tasks):
@@ -245,7 +172,7 @@ class Scheduler:
             client.present = False
             for key in sorted(client.tasks):
                 task = self._tasks.get(key)
-                if task is not None and task.state is _State.RESULTED:
+                if task is not None and task.state is State.RESULTED:
                     self._hold(key, now)
             self._drop_client_if_idle(session)
         return outs + self._dispatch()
@@ -311,12 +238,12 @@ class Scheduler:
         if key in self._tasks:
             return
         size = sum(len(memoryview(frame)) for frame in payload)
-        entry = _Task(key, tuple(sorted((requires or {}).items())), payload, size)
+        entry = Task(key, tuple(sorted((requires or {}).items())), payload, size)
         self._tasks[key] = entry
         self._bytes += size
         client = self._clients.get(session)
         if client is None:
-            client = self._clients[session] = _Client(present=False)
+            client = self._clients[session] = Client(present=False)
         client.tasks.add(key)
         self._enqueue(entry, front=False)
 
@@ -340,11 +267,7 @@ class Scheduler:
         if worker is not None:
             worker.credit = min(worker.credit + message.credit, MAX_CREDIT)
         task = self._tasks.get(message.task)
-        if (
-            task is None
-            or task.state is _State.RESULTED
-            or not 1 <= message.attempt <= task.attempt
-        ):
+        if task is None or task.state is State.RESULTED or not 1 <= message.attempt <= task.attempt:
             # already settled, or an attempt never dispatched (not to be trusted)
             self._counts["duplicates"] += 1
             return [*self._dispatch(), ack]
@@ -372,7 +295,7 @@ class Scheduler:
         for task in tasks:
             key = task_key(session, task)
             entry = self._tasks.get(key)
-            if entry is not None and entry.state is _State.RESULTED:
+            if entry is not None and entry.state is State.RESULTED:
                 self._forget(entry)
             elif self._expired.pop(key, None) is None:
                 continue
@@ -387,7 +310,7 @@ class Scheduler:
         """Forget a task whatever its state (journal replay of a DONE)."""
         entry = self._tasks.get(key)
         if entry is not None:
-            if entry.state is _State.QUEUED:
+            if entry.state is State.QUEUED:
                 self._unqueue(entry)
             self._forget(entry)
         client = self._clients.get(key[:SESSION_BYTES])
@@ -401,13 +324,29 @@ class Scheduler:
         entry = self._tasks.get(task_key(session, task))
         if entry is None:
             return []
-        if entry.state is _State.QUEUED:
+        if entry.state is State.QUEUED:
             return self._settle(
                 entry, entry.attempt, "cancelled", "cancelled before it ran", (), now
             )
-        if entry.state is _State.DISPATCHED and entry.worker is not None:
+        if entry.state is State.DISPATCHED and entry.worker is not None:
             return [(entry.worker, Cancel(task=entry.key, attempt=entry.attempt))]
         return []
+
+    def runnable(self, requires: dict[str, str]) -> bool:
+        """Return True if a connected worker satisfies ``requires``, or none is connected."""
+        if not self._workers:
+            return True
+        return any(
+            all(w.labels.get(k) == v for k, v in requires.items()) for w in self._workers.values()
+        )
+
+    def worker_labels(self, key: str) -> set[str]:
+        """Return the values of label ``key`` among connected workers."""
+        return {w.labels.get(key, "?") for w in self._workers.values()}
+
+    def holds_tasks_of(self, session: bytes) -> bool:
+        """Return True while the scheduler holds tasks or results of client ``session``."""
+        return session in self._clients
 
     def drop_expired(self) -> list[bytes]:
         """Return the keys whose results expired since the last call (to journal as forgotten)."""
@@ -433,9 +372,9 @@ class Scheduler:
         )
         c = self._counts
         return SchedulerStats(
-            queued=states.count(_State.QUEUED),
-            in_flight=states.count(_State.DISPATCHED),
-            awaiting_done=states.count(_State.RESULTED) + len(self._expired),
+            queued=states.count(State.QUEUED),
+            in_flight=states.count(State.DISPATCHED),
+            awaiting_done=states.count(State.RESULTED) + len(self._expired),
             bytes=self._bytes,
             clients=sum(client.present for client in self._clients.values()),
             workers=len(self._workers),
@@ -452,8 +391,8 @@ class Scheduler:
         queued = [k for lane in self._lanes.values() for k in lane]
         assert len(queued) == len(set(queued)), "a task is queued twice"
         for key, task in self._tasks.items():
-            assert (key in queued) == (task.state is _State.QUEUED), f"lane/state of {key!r}"
-            running = task.state is _State.DISPATCHED and task.worker in self._workers
+            assert (key in queued) == (task.state is State.QUEUED), f"lane/state of {key!r}"
+            running = task.state is State.DISPATCHED and task.worker in self._workers
             if task.worker is not None:
                 assert running and key in self._workers[task.worker].running, f"owner of {key!r}"
         for worker in self._workers.values():
@@ -465,8 +404,8 @@ class Scheduler:
 
     # --- internals ---------------------------------------------------------------
 
-    def _enqueue(self, task: _Task, *, front: bool) -> None:
-        task.state = _State.QUEUED
+    def _enqueue(self, task: Task, *, front: bool) -> None:
+        task.state = State.QUEUED
         lane = self._lanes.get(task.lane)
         if lane is None:
             lane = self._lanes[task.lane] = deque()
@@ -475,7 +414,7 @@ class Scheduler:
         else:
             lane.append(task.key)
 
-    def _unqueue(self, task: _Task) -> None:
+    def _unqueue(self, task: Task) -> None:
         lane = self._lanes[task.lane]
         lane.remove(task.key)
         if not lane:
@@ -497,7 +436,7 @@ class Scheduler:
             else:
                 del self._lanes[lane_key]
             task = self._tasks[key]
-            task.state, task.worker = _State.DISPATCHED, worker.session
+            task.state, task.worker = State.DISPATCHED, worker.session
             worker.running.add(key)
             worker.credit -= 1
             self._turns += 1
@@ -505,8 +444,8 @@ class Scheduler:
             outs.append((worker.session, Dispatch(key, task.attempt, task.payload)))
         return outs
 
-    def _pick(self, requires: _Requires) -> _Worker | None:
-        best: _Worker | None = None
+    def _pick(self, requires: Requires) -> Worker | None:
+        best: Worker | None = None
         for worker in self._workers.values():
             if worker.credit <= 0 or any(worker.labels.get(k) != v for k, v in requires):
                 continue
@@ -514,7 +453,7 @@ class Scheduler:
                 best = worker
         return best
 
-    def _requeue(self, task: _Task, worker: _Worker, reason: str | None, now: float) -> list[Out]:
+    def _requeue(self, task: Task, worker: Worker, reason: str | None, now: float) -> list[Out]:
         worker.running.discard(task.key)
         task.worker = None
         if reason is not None:
@@ -531,7 +470,7 @@ class Scheduler:
         self._enqueue(task, front=True)
         return []
 
-    def _crashed(self, task: _Task, cause: str, worker: _Worker, now: float) -> list[Out]:
+    def _crashed(self, task: Task, cause: str, worker: Worker, now: float) -> list[Out]:
         worker.running.discard(task.key)
         task.worker = None
         task.crashes.append(cause or "unknown cause")
@@ -548,7 +487,7 @@ class Scheduler:
 
     def _settle(
         self,
-        task: _Task,
+        task: Task,
         attempt: int,
         status: str,
         text: str,
@@ -556,7 +495,7 @@ class Scheduler:
         now: float,
     ) -> list[Out]:
         outs: list[Out] = []
-        if task.state is _State.QUEUED:
+        if task.state is State.QUEUED:
             self._unqueue(task)
         elif task.worker is not None:
             # a late result of an earlier attempt won: stop the re-run
@@ -566,7 +505,7 @@ class Scheduler:
         self._counts["done" if status in ("ok", "error") else "failed"] += 1
         size = sum(len(memoryview(frame)) for frame in payload)
         self._bytes += size - task.size
-        task.state, task.size, task.payload = _State.RESULTED, size, ()
+        task.state, task.size, task.payload = State.RESULTED, size, ()
         task.result = Result(task.key[SESSION_BYTES:], attempt, status, text, 0, payload)
         client = self._clients.get(task.owner)
         if client is not None and client.present:
@@ -596,7 +535,7 @@ class Scheduler:
             if client is not None:
                 client.tasks.discard(old)
 
-    def _forget(self, task: _Task) -> None:
+    def _forget(self, task: Task) -> None:
         del self._tasks[task.key]
         self._held.pop(task.key, None)
         self._bytes -= task.size

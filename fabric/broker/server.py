@@ -18,7 +18,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -83,6 +83,13 @@ def runtime_tag(python: str, cloudpickle: str) -> str:
     return "py{}/cloudpickle{}".format(*(".".join(v.split(".")[:2]) for v in (python, cloudpickle)))
 
 
+def local_runtime() -> tuple[str, str]:
+    """Return this process's Python and cloudpickle versions (without importing cloudpickle)."""
+    from importlib.metadata import version
+
+    return platform.python_version(), version("cloudpickle")
+
+
 class Broker:
     """Route tasks from clients to workers and object calls to hosts.
 
@@ -120,13 +127,19 @@ class Broker:
                     " on the workers (run `fabric keygen`, or pass insecure=True)"
                 )
             log.warning("INSECURE: broker on %s without CURVE keys; anyone can connect", bind)
-        self._bind = bind.replace(":0", ":*") if bind.endswith(":0") else bind
+        self._bind = bind[:-2] + ":*" if bind.endswith(":0") else bind
         self._journal_path = Path(journal) if journal is not None else None
         self._fsync: FsyncPolicy = fsync
+        services = tuple(services)
         self._objects = ObjectRouter(services)
+        # In-loop services unpickle what peers send in this process, so with any
+        # service every peer must run this process's runtime: refuse the others
+        # at HELLO, naming both, rather than fail later inside unpickling.
+        self._runtime = local_runtime() if services else None
         self.heartbeat = heartbeat
         self.liveness = liveness
-        self._limits = limits or Limits(liveness_timeout=heartbeat * liveness)
+        # the deadline the broker enforces is the one it announces in WELCOME
+        self._limits = replace(limits or Limits(), liveness_timeout=heartbeat * liveness)
         self._max_sessions = max_sessions
         self._max_message_bytes = max_message_bytes
         self._instance = os.urandom(16)
@@ -141,6 +154,7 @@ class Broker:
         self._sessions: dict[bytes, _Session] = {}
         self._routes: dict[bytes, _Session] = {}
         self._owners: dict[bytes, str] = {}  # session id -> the User-Id that owns it
+        self._warned: set[tuple[bytes, tuple[tuple[str, str], ...]]] = set()
         self._counts = {"malformed": 0, "forbidden": 0, "refused": 0}
         self._outbox: list[Out] = []  # to sessions, sent after the journal commit
         self._direct: list[tuple[bytes, p.Message]] = []  # to connections without a session
@@ -242,6 +256,7 @@ class Broker:
             return
         try:
             with context.socket(zmq.PUSH) as push:
+                push.linger = 0  # never hold up the loop's context termination
                 push.connect(self._wake_address)
                 push.send(b"", zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -459,6 +474,16 @@ class Broker:
                 return p.Refuse(
                     "role", f"this key may not act as {hello.role} (allowed: {allowed})"
                 )
+        if self._runtime is not None and hello.role != "admin":
+            ours = runtime_tag(*self._runtime)
+            if runtime_tag(hello.python, hello.cloudpickle) != ours:
+                python, cloudpickle = self._runtime
+                return p.Refuse(
+                    "runtime",
+                    f"{hello.role} {hello.name!r} runs Python {hello.python} with cloudpickle "
+                    f"{hello.cloudpickle}, but this cluster runs Python {python} with cloudpickle "
+                    f"{cloudpickle}: install matching versions (X.Y must agree)",
+                )
         owner = self._owners.get(hello.session)
         if owner is not None and owner != user:
             return p.Refuse("session", "this session belongs to another key")
@@ -481,8 +506,10 @@ class Broker:
             case p.Submit(task=task, requires=requires, payload=payload):
                 requires = {**requires, "runtime": session.runtime}
                 verdict, outs = sched.submit(sid, task, payload, now, requires)
-                if verdict is Admission.ACCEPTED and journal is not None:
-                    journal.submit(sid, task, requires, payload, session.user)
+                if verdict is Admission.ACCEPTED:
+                    if journal is not None:
+                        journal.submit(sid, task, requires, payload, session.user)
+                    self._warn_if_unrunnable(session, requires)
                 out += outs
             case p.Result():
                 out += sched.result(sid, message, now)
@@ -506,6 +533,20 @@ class Broker:
                 log.info("%s %r reports error %r: %r", session.role, session.name, code, text)
             case _:  # Heartbeat: touching the session was all
                 pass
+
+    def _warn_if_unrunnable(self, session: _Session, requires: dict[str, str]) -> None:
+        # version skew is the most common cluster mistake: name both sides, once per client
+        key = (session.id, tuple(sorted(requires.items())))
+        if key in self._warned or self._sched.runnable(requires):
+            return
+        if len(self._warned) < 10_000:
+            self._warned.add(key)
+        log.warning(
+            "client %r submits tasks needing %s; no connected worker matches (workers run %s)",
+            session.name,
+            requires,
+            sorted(self._sched.worker_labels("runtime")),
+        )
 
     def _end(self, session: _Session, now: float, reason: str | None) -> None:
         """End a session: BYE (``reason`` None) or lost."""
@@ -537,6 +578,10 @@ class Broker:
                     del self._routes[session.route]
                 self._session_gone(sid)
                 log.warning("%s %r lost: no heartbeat", session.role, session.name)
+        # a session's owner is remembered while it lives or has tasks, so memory stays bounded
+        for sid in [sid for sid in self._owners if sid not in self._sessions]:
+            if not self._sched.holds_tasks_of(sid):
+                del self._owners[sid]
         self._outbox += [
             (s.id, p.Heartbeat())
             for s in self._sessions.values()

@@ -11,6 +11,7 @@ from fabric.local.context import (
     get_all_start_methods,
     get_context,
     get_start_method,
+    set_forkserver_preload,
     set_start_method,
 )
 from fabric.local.process import (
@@ -27,6 +28,17 @@ from fabric.local.process import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from fabric.local._compat import (
+        AuthenticationError,
+        BufferTooShort,
+        Manager,
+        ProcessError,
+        TimeoutError,
+        allow_connection_pickling,
+        freeze_support,
+        get_logger,
+        log_to_stderr,
+    )
     from fabric.local.connection import Connection, Pipe, wait
     from fabric.local.executor import Executor
     from fabric.local.pool import Pool
@@ -48,6 +60,15 @@ if TYPE_CHECKING:
 # this package before its target runs, and these modules pull in typing, ctypes,
 # concurrent.futures and cloudpickle (~30 ms). The fork server preloads them all.
 _LAZY = {
+    "AuthenticationError": "fabric.local._compat",
+    "BufferTooShort": "fabric.local._compat",
+    "Manager": "fabric.local._compat",
+    "ProcessError": "fabric.local._compat",
+    "TimeoutError": "fabric.local._compat",
+    "allow_connection_pickling": "fabric.local._compat",
+    "freeze_support": "fabric.local._compat",
+    "get_logger": "fabric.local._compat",
+    "log_to_stderr": "fabric.local._compat",
     "Executor": "fabric.local.executor",
     "Pool": "fabric.local.pool",
     "JoinableQueue": "fabric.local.queues",
@@ -85,9 +106,11 @@ def __getattr__(name: str) -> object:
 
 __all__: list[str] = [
     "Array",
+    "AuthenticationError",
     "Barrier",
     "BoundedSemaphore",
     "BrokenBarrierError",
+    "BufferTooShort",
     "Condition",
     "Connection",
     "Context",
@@ -97,10 +120,12 @@ __all__: list[str] = [
     "Executor",
     "JoinableQueue",
     "Lock",
+    "Manager",
     "OwnerDiedWarning",
     "Pipe",
     "Pool",
     "Process",
+    "ProcessError",
     "Queue",
     "RLock",
     "RawArray",
@@ -108,17 +133,27 @@ __all__: list[str] = [
     "RemoteTraceback",
     "Semaphore",
     "SimpleQueue",
+    "TimeoutError",
     "Value",
     "active_children",
     "active_count",
+    "allow_connection_pickling",
     "cpu_count",
     "current_process",
     "enumerate",
     "excepthook",
+    "freeze_support",
     "get_all_start_methods",
     "get_context",
+    "get_logger",
     "get_start_method",
+    "log_to_stderr",
     "parent_process",
+    "set_forkserver_preload",
     "set_start_method",
     "wait",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -59,8 +59,8 @@ def child_main(
     """Unpickle the process object of ``launch`` and run it; return the exit code."""
     sys.path[:] = launch["sys_path"]
     sys.argv[:] = launch["argv"]
-    if launch["cwd"] is not None and launch["cwd"] != os.getcwd():
-        with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # a removed directory: keep the one we have
+        if launch["cwd"] is not None and launch["cwd"] != os.getcwd():
             os.chdir(launch["cwd"])
     report_fd, shm_fds = fds[0], fds[1:]
     try:

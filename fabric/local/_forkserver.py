@@ -36,9 +36,12 @@ PID = struct.Struct("=q")
 CODE = struct.Struct("=i")
 
 
-def main(control_fd: int) -> None:
-    """Serve fork requests on ``control_fd`` until it reaches end of file."""
-    _preload()
+def main(control_fd: int, preload: tuple[str, ...] = ()) -> None:
+    """Serve fork requests on ``control_fd`` until it reaches end of file.
+
+    ``preload`` names modules to import first, so every child starts with them.
+    """
+    _preload(preload)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent to handle
     control = socket.socket(fileno=control_fd)
     selector = selectors.DefaultSelector()
@@ -58,9 +61,10 @@ def main(control_fd: int) -> None:
                 _child_exited(int(key.fd), selector, children)
 
 
-def _preload() -> None:
+def _preload(extra: tuple[str, ...]) -> None:
     # Loaded once here instead of in every child.
     import importlib
+    import logging
 
     import cloudpickle  # noqa: F401
 
@@ -69,6 +73,11 @@ def _preload() -> None:
 
     for module in sorted(set(fabric.local._LAZY.values())):
         importlib.import_module(module)
+    for module in extra:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a child importing it will see the error where it matters
+            logging.getLogger(__name__).warning("fork server cannot preload %r: %s", module, exc)
 
 
 def _fork(

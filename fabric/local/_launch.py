@@ -8,12 +8,15 @@ met on the way is collected to be passed with the launch.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import sys
 import threading
 
 from fabric.local import process as _process
+
+_log = logging.getLogger(__name__)
 
 
 def prepare(process_obj: _process.Process, report_fd: int) -> tuple[bytes, list[int]]:
@@ -25,7 +28,6 @@ def prepare(process_obj: _process.Process, report_fd: int) -> tuple[bytes, list[
 
     with _shm.passing_fds() as shm_fds:
         body = cloudpickle.dumps(process_obj)
-    hook = getattr(fabric.local, "excepthook", _process.excepthook)
     launch = {
         "sys_path": list(sys.path),
         "argv": list(sys.argv),
@@ -33,10 +35,26 @@ def prepare(process_obj: _process.Process, report_fd: int) -> tuple[bytes, list[
         "parent_name": _process.current_process().name,
         "parent_pid": os.getpid(),
         "long_lived_starter": threading.current_thread() is threading.main_thread(),
-        "excepthook": None if hook is _process.excepthook else cloudpickle.dumps(hook),
+        "excepthook": _pickled_hook(getattr(fabric.local, "excepthook", _process.excepthook)),
         "process": body,
     }
     return pickle.dumps(launch, protocol=pickle.HIGHEST_PROTOCOL), [report_fd, *shm_fds]
+
+
+def _pickled_hook(hook: object) -> bytes | None:
+    """Return a custom excepthook pickled for the child; None for the default."""
+    if hook is _process.excepthook:
+        return None
+    import cloudpickle
+
+    try:
+        data: bytes = cloudpickle.dumps(hook)
+    except Exception as exc:  # the child's exception still reaches us via Process.exception
+        _log.warning(
+            "fabric.local.excepthook cannot be pickled (%s); children use the default", exc
+        )
+        return None
+    return data
 
 
 def write_launch(data: bytes) -> int:

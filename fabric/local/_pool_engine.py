@@ -110,6 +110,9 @@ class Engine:
         self._selector = selectors.EpollSelector()
         self._selector.register(self._wake_fd, selectors.EVENT_READ)
         self._stopped = threading.Event()
+        # Set by Executor: once shut down, its queued work finishes even at interpreter
+        # exit, as concurrent.futures does; a pool (or a running executor) is terminated.
+        self.drain_at_exit = False
         self._thread = threading.Thread(target=self._run, name="fabric-pool", daemon=True)
         _live.add(self)
         self._thread.start()
@@ -160,6 +163,10 @@ class Engine:
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the loop to finish; return True if it has."""
         return self._stopped.wait(timeout)
+
+    @property
+    def closing(self) -> bool:
+        return self._state == _CLOSING
 
     @property
     def accepting(self) -> bool:
@@ -561,6 +568,7 @@ os.register_at_fork(after_in_child=_orphan_all)
 def _terminate_live() -> None:
     engines = list(_live)
     for engine in engines:
-        engine.terminate()
+        if not (engine.drain_at_exit and engine.closing):
+            engine.terminate()
     for engine in engines:
-        engine.join(5.0)
+        engine.join(None if engine.drain_at_exit and engine.closing else 5.0)

@@ -22,7 +22,7 @@ from fabric.local import _launch
 from fabric.local import process as _process
 from fabric.local._forkserver import CODE, PID
 
-__all__ = ["ForkServerPopen", "ensure_running", "stop"]
+__all__ = ["ForkServerPopen", "ensure_running", "set_preload", "stop"]
 
 _log = logging.getLogger(__name__)
 _MAX_FDS = 250  # SCM_MAX_FD (253) less the status socket and the launch memfd
@@ -33,10 +33,12 @@ _LOST = 255  # exit code reported when the server died before the child's status
 class _Server:
     """A running fork server: the subprocess and our end of its control socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, preload: tuple[str, ...]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            code = f"from fabric.local._forkserver import main; main({theirs.fileno()})"
+            code = (
+                f"from fabric.local._forkserver import main; main({theirs.fileno()}, {preload!r})"
+            )
             self.proc = subprocess.Popen(
                 _launch.python_command(code),
                 pass_fds=[theirs.fileno()],
@@ -76,6 +78,8 @@ class _Holder:
 
     lock = threading.Lock()
     server: _Server | None = None
+    inherited: _Server | None = None
+    preload: tuple[str, ...] = ()
 
 
 def ensure_running() -> None:
@@ -91,11 +95,23 @@ def stop(timeout: float = 5.0) -> None:
         server.stop(timeout)
 
 
+def set_preload(module_names: list[str]) -> None:
+    """Have the fork server import ``module_names`` before forking any child.
+
+    Takes effect when the server next starts (it starts on first use); a module
+    every child imports (numpy, your own package) then costs nothing per child.
+    """
+    if isinstance(module_names, str) or not all(isinstance(m, str) for m in module_names):
+        raise TypeError("module_names must be a list of module names")
+    with _Holder.lock:
+        _Holder.preload = tuple(module_names)
+
+
 def _server() -> _Server:
     with _Holder.lock:
         server = _Holder.server
         if server is None or server.proc.poll() is not None:
-            server = _Holder.server = _Server()
+            server = _Holder.server = _Server(_Holder.preload)
         return server
 
 
@@ -104,6 +120,9 @@ def _forget_after_fork() -> None:
     _Holder.lock = threading.Lock()
     if server is not None:
         server.control.close()  # or the server would outlive our parent
+        # Kept, not collected: the parent's server is not ours to reap, and a
+        # collected subprocess.Popen would warn that it is still running.
+        _Holder.inherited = server
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -19,24 +19,19 @@ from fabric.local._exceptions import capture, restore
 __all__ = ["pack_exception", "restore"]
 
 
-def pack_exception(exc: BaseException, by_reference: bool = True) -> bytes:
+def pack_exception(exc: BaseException) -> bytes:
     """Return bytes that ``restore`` turns back into ``exc`` (or its proxy)."""
-    if by_reference:
-        try:
-            data = pickle.dumps(exc, 5)
-            pickle.loads(data)  # a custom __init__ signature only fails here
-        except Exception:
-            pass
-        else:
-            cls = type(exc)
-            name = (
-                cls.__qualname__
-                if cls.__module__ == "builtins"
-                else (f"{cls.__module__}.{cls.__qualname__}")
-            )
-            tb = "".join(traceback.format_exception(exc))
-            return pickle.dumps((data, name, _safe_str(exc), tb), 5)
-    return capture(exc)
+    try:
+        data = pickle.dumps(exc, 5)
+        pickle.loads(data)  # a custom __init__ signature only fails here
+    except Exception:
+        return capture(exc)  # cloudpickle, else a proxy
+    cls = type(exc)
+    name = cls.__qualname__
+    if cls.__module__ != "builtins":
+        name = f"{cls.__module__}.{name}"
+    tb = "".join(traceback.format_exception(exc))
+    return pickle.dumps((data, name, _safe_str(exc), tb), 5)
 
 
 def _safe_str(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from fabric.local import _pool_wire as wire
+from fabric.local._compat import TimeoutError
 from fabric.local._pool_engine import Engine
 from fabric.local._pool_task import Task, TerminatedError
 

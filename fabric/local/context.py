@@ -29,6 +29,7 @@ __all__ = [
     "get_all_start_methods",
     "get_context",
     "get_start_method",
+    "set_forkserver_preload",
     "set_start_method",
 ]
 
@@ -114,6 +115,16 @@ def set_start_method(method: str | None, force: bool = False) -> None:
     _Choice.method = None if method is None else _check(method)
 
 
+def set_forkserver_preload(module_names: list[str]) -> None:
+    """Have the fork server import ``module_names`` once, so forkserver children start with them.
+
+    Call it before the first forkserver child is started (the server starts then).
+    """
+    from fabric.local import _popen_forkserver
+
+    _popen_forkserver.set_preload(module_names)
+
+
 def get_context(method: str | None = None) -> Context:
     """Return a context for ``method`` (``fork``, ``forkserver``, ``spawn``), or the global one."""
     return Context(None if method is None else _check(method))
@@ -131,6 +142,7 @@ class Context:
     get_context = staticmethod(get_context)
     get_all_start_methods = staticmethod(get_all_start_methods)
     set_start_method = staticmethod(set_start_method)
+    set_forkserver_preload = staticmethod(set_forkserver_preload)
 
     def __init__(self, method: str | None) -> None:
         self._method = method

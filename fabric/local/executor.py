@@ -93,6 +93,7 @@ class Executor(_Executor):
             retries,
             _start_method(mp_context),
         )
+        self._engine.drain_at_exit = True
         self._shutdown = False
 
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:

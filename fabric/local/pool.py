@@ -9,7 +9,8 @@ Differences from ``multiprocessing.Pool`` a caller may notice, all deliberate:
   :class:`~fabric.local.ExceptionProxy`; every worker exception has the worker's
   traceback as ``__cause__``.
 * ``chunksize=None`` (the default everywhere) picks chunks automatically;
-  timeouts raise the builtin ``TimeoutError``.
+  timeouts raise ``fabric.local.TimeoutError``, both a builtin ``TimeoutError``
+  and a ``multiprocessing.TimeoutError``.
 * Ctrl-C during a blocking call terminates the pool and re-raises
   ``KeyboardInterrupt``; workers ignore SIGINT.
 """
@@ -22,6 +23,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, TypeVar
 
+from fabric.local._compat import TimeoutError
 from fabric.local._pool_engine import Engine
 from fabric.local._pool_task import DEFAULT_RETRIES, Statistics, TerminatedError
 from fabric.local._progress import Progress, progress_bar

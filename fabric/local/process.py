@@ -220,6 +220,12 @@ class Process:
 
         self._child_popen("kill").send_signal(signal.SIGKILL)
 
+    def interrupt(self) -> None:
+        """Send SIGINT to the child, raising ``KeyboardInterrupt`` there (as Python 3.14's)."""
+        import signal
+
+        self._child_popen("interrupt").send_signal(signal.SIGINT)
+
     def close(self) -> None:
         """Release the fds held for the child; raise ``ValueError`` while it still runs.
 
@@ -233,8 +239,10 @@ class Process:
                     "cannot close a process while it is still running; "
                     "call join() or terminate() first"
                 )
-            self._load_exception()
             self._popen.close()
+        if self._report_fd >= 0:
+            self._report_closer()
+            self._report_fd = -1
         _state.children.discard(self)
         self._closed = True
 

@@ -1,8 +1,15 @@
 """A client's connection to the broker: one I/O thread, any number of calling threads.
 
-Calling threads post messages and wait on their own events; the I/O thread owns
-the socket (ZeroMQ sockets are not thread-safe), wakes on a pipe when something
-is posted, and resolves what comes back. Everything that matters is kept until
+ZeroMQ sockets are not thread-safe, so every use of the socket happens under
+``_sock_lock``. A calling thread sends its message itself (one thread hop less
+per call) and waits on its own event; the I/O thread sleeps on the socket's
+readiness fd (``zmq.FD``, which can be watched without touching the socket) and
+a wake-up pipe, then drains the socket and resolves what came back. ``zmq.FD``
+is edge-triggered and any socket call may consume its edge, so whoever used
+the socket checks ``zmq.EVENTS`` before letting go and wakes the I/O thread if
+input is pending. Task-result callbacks run on the I/O thread outside the lock;
+if such a callback calls a shared object, the I/O thread pumps the socket
+itself until the reply is in. Everything that matters is kept until
 the broker acknowledges it and re-sent on every new session: SUBMITs until
 ACK, CALLs and CREATEs until REPLY (the host's reply cache makes a re-sent CALL
 harmless). RESULTs are handed to their task's callback once and DONE'd.
@@ -18,11 +25,15 @@ import contextlib
 import itertools
 import logging
 import os
+import pickle
 import queue
+import select
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import zmq
 
@@ -41,9 +52,9 @@ from fabric.broker.protocol import (
     Submit,
     Welcome,
 )
-from fabric.errors import BrokerUnavailable, FabricError
-from fabric.remote._host import TICK, ObjectHost
-from fabric.remote._link import Link, LinkRefused, Runtime
+from fabric.errors import BrokerUnavailable, FabricError, VersionMismatchError
+from fabric.remote._host import RUNTIME, TICK, ObjectHost
+from fabric.remote._link import Link, LinkRefused, Runtime, compatible
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +105,7 @@ class Connection:
         )
         self._reconnect_timeout = reconnect_timeout
         self._lock = threading.Lock()
+        self._sock_lock = threading.RLock()
         self._outbox: list[Message] = []
         self._calls: dict[int, _Pending] = {}
         self._tasks: dict[bytes, _Task] = {}
@@ -149,6 +161,28 @@ class Connection:
                 pause = min(max(pause, 0.005) * 2, 1.0)
         return self._await(pending)
 
+    def check_runtime(self) -> None:
+        """Refuse a broker whose object host runs another Python or cloudpickle (X.Y).
+
+        The host unpickles every call this client makes, so a mismatch would fail
+        inside unpickling later; VersionMismatchError names both runtimes now. A
+        broker with no built-in host has nothing to compare and passes.
+        """
+        try:
+            reply = self.call("", "", RUNTIME, b"", 0.0)
+        except BrokerUnavailable:
+            return  # no built-in host ("no-host")
+        python, cloudpickle_version = pickle.loads(reply)[1]
+        ours = self._link.runtime
+        if not (
+            compatible(python, ours.python) and compatible(cloudpickle_version, ours.cloudpickle)
+        ):
+            raise VersionMismatchError(
+                f"this client runs Python {ours.python} with cloudpickle {ours.cloudpickle}; "
+                f"the broker's object host at {self.address} runs Python {python} with "
+                f"cloudpickle {cloudpickle_version}: install matching versions"
+            )
+
     def create(self, host: str, typeid: str, name: str, payload: bytes) -> bytes:
         """Send one CREATE and return its reply payload."""
         seq = next(self._seq)
@@ -167,8 +201,7 @@ class Connection:
         with self._lock:
             self._check_open()
             self._tasks[task] = _Task(message, on_result)
-            self._outbox.append(message)
-        self._wake()
+        self._send_or_queue(message)
 
     def cancel(self, task: bytes) -> None:
         """Ask the broker to cancel a task (its RESULT says whether it was)."""
@@ -192,6 +225,12 @@ class Connection:
     def __enter__(self) -> Connection:
         return self
 
+    def __del__(self) -> None:
+        if not getattr(self, "_closing", True):
+            warnings.warn(
+                f"unclosed fabric connection to {self.address}", ResourceWarning, stacklevel=1
+            )
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 
@@ -207,17 +246,33 @@ class Connection:
         with self._lock:
             self._check_open()
             self._calls[message.call] = pending
-            self._outbox.append(message)
-        self._wake()
+        self._send_or_queue(message)
         return pending
 
     def _post(self, message: Message) -> None:
         with self._lock:
             self._check_open()
+        self._send_or_queue(message)
+
+    def _send_or_queue(self, message: Message) -> None:
+        """Send from this thread if the session is up and nothing queued is ahead, else queue."""
+        with self._sock_lock:
+            if self._link.ready and not self._outbox and self._link.send(message):
+                if self._input_pending():
+                    self._wake()  # our send may have eaten the edge the I/O thread waits for
+                return
+        with self._lock:
             self._outbox.append(message)
         self._wake()
 
+    def _input_pending(self) -> bool:
+        sock = self._link.socket
+        return sock is not None and bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
     def _await(self, pending: _Pending) -> bytes:
+        if threading.current_thread() is self._threads[0]:
+            while not pending.done.is_set() and not self._closing:  # a callback called us
+                self._turn(0.05)
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
@@ -234,7 +289,8 @@ class Connection:
     # --- the I/O thread -------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._link.open()
+            with self._sock_lock:
+                self._link.open()
             self._loop()
         except LinkRefused as refused:
             self._fail_all(refused.error)
@@ -242,36 +298,46 @@ class Connection:
             log.exception("fabric client I/O thread crashed")
             self._fail_all(FabricError(f"the client I/O thread crashed: {exc!r}"))
         finally:
+            with self._sock_lock:
+                if self._closing:
+                    self._link.say_bye(Bye())
+                self._link.close_socket()
             if self._closing:
-                self._link.say_bye(Bye())
-            self._link.close_socket()
+                self._fail_all(BrokerUnavailable(f"the connection to {self.address} was closed"))
             self._welcomed.set()
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
-        registered: zmq.Socket[bytes] | None = None
         while not self._closing:
-            if registered is not self._link.socket:
-                if registered is not None:
-                    poller.unregister(registered)
-                registered = self._link.socket
-                if registered is not None:
-                    poller.register(registered, zmq.POLLIN)
             now = time.monotonic()
-            timeout = min(self._link.next_tick(now), self._next_resend(now) - now)
-            events = dict(poller.poll(max(0, int(timeout * 1000)) + 1))
-            if self._wake_r in events:
-                os.read(self._wake_r, 4096)
+            self._turn(min(self._link.next_tick(now), self._next_resend(now) - now))
+
+    def _turn(self, timeout: float) -> None:
+        """Sleep until input, a wake-up or ``timeout``; then do all the socket work due."""
+        with self._sock_lock:
+            sock = self._link.socket
+            fd = cast(int, sock.getsockopt(zmq.FD)) if sock is not None else None
+            pending = self._input_pending()
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if fd is not None:
+            poller.register(fd, select.POLLIN)
+        events = dict(poller.poll(0 if pending else max(0, int(timeout * 1000)) + 1))
+        if self._wake_r in events:
+            os.read(self._wake_r, 4096)
+        callbacks: list[Callable[[], None]] = []
+        with self._sock_lock:
             self._flush()
-            if registered is not None and registered in events:
-                for message in self._link.receive():
-                    self._dispatch(message)
             now = time.monotonic()
             self._link.tick(now)
             self._check_lost(now)
             self._resend_rejected(now)
             self._flush()
+            while self._input_pending():
+                for message in self._link.receive():
+                    callbacks += self._dispatch(message)
+                self._flush()
+        for callback in callbacks:
+            callback()
 
     def _flush(self) -> None:
         if not self._link.ready:
@@ -279,10 +345,13 @@ class Connection:
         with self._lock:
             outbox, self._outbox = self._outbox, []
             done, self._done = self._done, []
-        for message in outbox:
-            self._link.send(message)
         if done:
-            self._link.send(Done(tasks=tuple(done)))
+            outbox.append(Done(tasks=tuple(done)))
+        for sent, message in enumerate(outbox):
+            if not self._link.send(message):  # the socket is full: keep the rest, in order
+                with self._lock:
+                    self._outbox[:0] = outbox[sent:]
+                return
 
     def _resend(self, welcome: Welcome) -> None:
         """Re-send what the broker has not acknowledged, in order, on a new session."""
@@ -295,59 +364,69 @@ class Connection:
                 *(m for m in self._outbox if not isinstance(m, Call | Create | Submit)),
             ]
 
-    def _dispatch(self, message: Message) -> None:
+    def _dispatch(self, message: Message) -> list[Callable[[], None]]:
+        """Handle one message; return the task callbacks to run once the lock is released."""
+        if isinstance(message, Result):
+            return self._result(message)
         if isinstance(message, Reply):
             with self._lock:
                 pending = self._calls.pop(message.call, None)
             if pending is not None:
                 pending.reply = message
                 pending.done.set()
-        elif isinstance(message, Result):
-            self._result(message)
         elif isinstance(message, Ack):
             task = self._tasks.get(message.task)
             if task is not None:
                 task.acked = True
         elif isinstance(message, Reject):
-            self._rejected(message)
+            return self._rejected(message)
         elif isinstance(message, Create | Call | Gone) and self._host is not None:
             self._host_jobs.put(message)
         else:
             log.debug("ignored %s from the broker", type(message).__name__)
+        return []
 
-    def _result(self, message: Result) -> None:
+    def _result(self, message: Result) -> list[Callable[[], None]]:
         with self._lock:
             task = self._tasks.pop(message.task, None)
             self._done.append(message.task)
         if task is None:
-            return  # a result re-sent after a resume: already delivered, DONE it again
+            return []  # a result re-sent after a resume: already delivered, DONE it again
         payload = bytes(message.payload[0]) if message.payload else b""
-        try:
-            task.on_result(message.status, message.message, payload)
-        except Exception:
-            log.exception("a result callback raised (task %s)", message.task.hex())
 
-    def _rejected(self, message: Reject) -> None:
+        def deliver() -> None:
+            try:
+                task.on_result(message.status, message.message, payload)
+            except Exception:
+                log.exception("a result callback raised (task %s)", message.task.hex())
+
+        return [deliver]
+
+    def _rejected(self, message: Reject) -> list[Callable[[], None]]:
         task = self._tasks.get(message.task)
         if task is None:
-            return
+            return []
         if message.code == "busy":
             task.resend_at = time.monotonic() + max(message.retry_after, 0.01)
-            return
+            return []
         with self._lock:
             self._tasks.pop(message.task, None)
-        if message.code != "duplicate":  # duplicate: its result was delivered already
-            task.on_result("rejected", f"{message.code}: {message.reason}", b"")
+        if message.code == "duplicate":  # its result was delivered already
+            return []
+        why = f"{message.code}: {message.reason}"
+        return [lambda: task.on_result("rejected", why, b"")]
 
     def _next_resend(self, now: float) -> float:
-        times = [t.resend_at for t in self._tasks.values() if t.resend_at]
+        with self._lock:  # user threads add tasks while this walks them
+            times = [t.resend_at for t in self._tasks.values() if t.resend_at]
         return min(times, default=now + 3600.0)
 
     def _resend_rejected(self, now: float) -> None:
-        for task in list(self._tasks.values()):
-            if task.resend_at and task.resend_at <= now:
-                task.resend_at = 0.0
-                self._link.send(task.message)
+        with self._lock:  # user threads add tasks while this walks them
+            due = [t for t in self._tasks.values() if t.resend_at and t.resend_at <= now]
+        for task in due:
+            # not sent (link down or full): try again shortly; a new session re-sends it anyway
+            task.resend_at = 0.0 if self._link.send(task.message) else now + 0.05
 
     def _check_lost(self, now: float) -> None:
         """Fail everything in flight once the broker has been gone for reconnect_timeout."""

@@ -37,6 +37,11 @@ def connection_for(address: str) -> Connection:
         conn = _open.get(address)
         if conn is None:
             conn = Connection(address, curve=curve_from_env())
+            try:
+                conn.check_runtime()
+            except BaseException:
+                conn.close()
+                raise
             _open[address] = conn
             atexit.register(_close, conn)
         return conn

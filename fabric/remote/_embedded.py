@@ -38,17 +38,24 @@ class EmbeddedCluster:
             self.curve: Curve | None = (peer.public, peer.secret, peer.server)
         else:
             keyring, self.curve = keys, load_curve(keys, "client")
-        self._broker = Broker(
-            bind="tcp://127.0.0.1:0", keys=keyring, services=[BuiltinHostService()]
-        )
-        self._broker.start()
-        self.address: str = self._broker.address
         self._keys = keys
-        self._node: subprocess.Popen[bytes] | None = None
+        # The node starts first and learns the address on its stdin once the broker is
+        # bound: its interpreter and task processes start while the broker does.
+        self._node: subprocess.Popen[bytes] | None = self._start_node(
+            processes or os.cpu_count() or 1
+        )
         try:
-            self._node = self._start_node(processes or os.cpu_count() or 1)
+            self._broker = Broker(
+                bind="tcp://127.0.0.1:0", keys=keyring, services=[BuiltinHostService()]
+            )
+            self._broker.start()
+            self.address: str = self._broker.address
+            assert self._node.stdin is not None
+            self._node.stdin.write(f"{self.address}\n".encode())
+            self._node.stdin.close()
         except BaseException:
-            self._broker.close()
+            self._node.kill()
+            self._node.wait()
             raise
 
     def _start_node(self, processes: int) -> subprocess.Popen[bytes]:
@@ -57,7 +64,7 @@ class EmbeddedCluster:
             "-m",
             "fabric.remote.cli",
             "worker",
-            self.address,
+            "-",
             "--processes",
             str(processes),
             "--name",
@@ -70,7 +77,7 @@ class EmbeddedCluster:
             command += ["--keys", str(self._keys)]
         elif self.curve is not None:
             env[CURVE_ENV] = encode_curve(self.curve)
-        return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
+        return subprocess.Popen(command, stdin=subprocess.PIPE, env=env)
 
     def close(self, grace: float = 5.0) -> None:
         """Stop the worker node (drain, then stop), then the broker."""

@@ -15,12 +15,14 @@ import itertools
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from fabric.errors import BrokerUnavailable, FabricError, WorkerLostError
 from fabric.remote._connection import Connection
 from fabric.remote._errors import with_remote_traceback
+from fabric.remote._progress import Progress, check, track
 from fabric.remote._runner import Task, decode_outcome, encode_task
 
 T = TypeVar("T")
@@ -28,6 +30,16 @@ T = TypeVar("T")
 
 def _run_chunk(fn: Callable[..., T], chunk: tuple[tuple[Any, ...], ...]) -> list[T]:
     return [fn(*args) for args in chunk]
+
+
+def _in_order(futures: list[cf.Future[list[T]]], limit: float | None) -> Iterator[list[T]]:
+    """Yield results in order; cancel what is left if the consumer stops or one fails."""
+    try:
+        for future in futures:
+            yield future.result(None if limit is None else max(0.0, limit - time.monotonic()))
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 def _batched(items: Iterable[T], n: int) -> Iterator[tuple[T, ...]]:
@@ -83,18 +95,22 @@ class Executor(cf.Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        progress: Progress = False,
     ) -> Iterator[T]:
-        """Like ``Executor.map``; ``chunksize`` calls travel and run as one task."""
+        """Like ``Executor.map``; ``chunksize`` calls travel and run as one task.
+
+        Every call is submitted at once; results are yielded in order, and
+        ``TimeoutError`` is raised if one is not ready ``timeout`` seconds after
+        this call. ``progress`` shows a tqdm bar (see the ``progress`` extra).
+        """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
-        if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        chunks = super().map(
-            lambda chunk: _run_chunk(fn, chunk),
-            _batched(zip(*iterables, strict=False), chunksize),
-            timeout=timeout,
-        )
-        return itertools.chain.from_iterable(chunks)
+        check(progress)
+        limit = None if timeout is None else time.monotonic() + timeout
+        chunks = list(_batched(zip(*iterables, strict=False), chunksize))
+        futures: list[cf.Future[list[T]]] = [self.submit(_run_chunk, fn, c) for c in chunks]
+        track(futures, [len(c) for c in chunks], progress, "map")
+        return itertools.chain.from_iterable(_in_order(futures, limit))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new tasks; optionally cancel the pending ones and wait for the rest."""
@@ -107,7 +123,8 @@ class Executor(cf.Executor):
         if wait:
             cf.wait(pending)
 
-    def _pending_futures(self) -> list[cf.Future[Any]]:
+    def outstanding(self) -> list[cf.Future[Any]]:
+        """Return the futures not yet resolved (a snapshot)."""
         with self._lock:
             return list(self._pending)
 

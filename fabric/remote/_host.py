@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import pickle
+import platform
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +44,7 @@ Reply = tuple[bytes, int, bool, bytes]
 
 TICK = "#tick"  # a no-op call that only lets time pass
 RELEASE = "#release"  # the caller's session drops an anonymous object
+RUNTIME = "#runtime"  # the host's Python and cloudpickle versions (they unpickle our calls)
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,9 @@ class ObjectHost:
             return replies
         if method == TICK:
             return [*self.expire(now), self._finish(session, seq, True, encode_ok(None))]
+        if method == RUNTIME:
+            versions = (platform.python_version(), cloudpickle.__version__)
+            return [self._finish(session, seq, True, encode_ok(versions))]
         try:
             args, kwargs, thread, token = cloudpickle.loads(payload)
             if method == RELEASE:

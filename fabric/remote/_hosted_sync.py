@@ -83,7 +83,7 @@ class Lock(_Lease):
 class RLock(_Lease):
     """A reentrant mutex owned by one thread of one client, like threading.RLock."""
 
-    EXPOSED: tuple[str, ...] = ("acquire", "release", "locked", "_is_owned")
+    EXPOSED: tuple[str, ...] = ("acquire", "release", "locked")
 
     def __init__(self) -> None:
         super().__init__()
@@ -111,9 +111,6 @@ class RLock(_Lease):
 
     def locked(self, ctx: Ctx) -> bool:
         return self._owner is not None
-
-    def _is_owned(self, ctx: Ctx) -> bool:
-        return self._owner == ctx.owner
 
     def release_all(self, ctx: Ctx) -> int:
         """Release every level held by the caller (Condition.wait); return the count."""
@@ -233,15 +230,7 @@ class Event:
 class Condition(RLock):
     """A condition variable over its own RLock, like threading.Condition()."""
 
-    EXPOSED: tuple[str, ...] = (
-        "acquire",
-        "release",
-        "locked",
-        "_is_owned",
-        "wait",
-        "notify",
-        "notify_all",
-    )
+    EXPOSED: tuple[str, ...] = (*RLock.EXPOSED, "wait", "notify", "notify_all")
 
     def __init__(self) -> None:
         super().__init__()

@@ -43,6 +43,11 @@ class Runtime:
     cloudpickle: str = cloudpickle.__version__
 
 
+def compatible(a: str, b: str) -> bool:
+    """Return whether two versions agree on major.minor (what pickles depend on)."""
+    return a.split(".")[:2] == b.split(".")[:2]
+
+
 class LinkRefused(Exception):
     """The broker refused our HELLO; ``error`` is the FabricError to raise to the user."""
 
@@ -81,7 +86,7 @@ class Link:
         self.session = os.urandom(16)
         self._role, self._name, self._curve = role, name, curve
         self._capacity = capacity
-        self._runtime = runtime or Runtime()
+        self.runtime = runtime or Runtime()
         self._on_welcome = on_welcome
         self.socket: zmq.Socket[bytes] | None = None
         self.ready = False
@@ -93,16 +98,23 @@ class Link:
 
     # --- sending ------------------------------------------------------------------
     def send(self, message: Message) -> bool:
-        """Send if the session is open; return False (the owner keeps it to re-send) if not."""
+        """Send if the session is open and the socket takes it; False: the owner keeps it.
+
+        Never blocks: a socket at its high-water mark (a broker that stopped reading)
+        refuses the message rather than stall the thread that also runs heartbeats.
+        """
         if not self.ready or self.socket is None:
             return False
-        self._send(message)
-        return True
+        return self._send(message)
 
-    def _send(self, message: Message) -> None:
+    def _send(self, message: Message) -> bool:
         assert self.socket is not None
-        self.socket.send_multipart(encode(message), copy=False)
+        try:
+            self.socket.send_multipart(encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
         self._last_sent = time.monotonic()
+        return True
 
     # --- receiving ----------------------------------------------------------------
     def receive(self) -> list[Message]:
@@ -191,8 +203,8 @@ class Link:
                 role=self._role,
                 name=self._name,
                 session=self.session,
-                python=self._runtime.python,
-                cloudpickle=self._runtime.cloudpickle,
+                python=self.runtime.python,
+                cloudpickle=self.runtime.cloudpickle,
                 capacity=self._capacity(),
                 pid=os.getpid(),
                 host=_socket.gethostname(),

@@ -12,6 +12,7 @@ import builtins
 import os
 import socket
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -97,6 +98,7 @@ class Manager:
                 self._address = self._cluster.address
             try:
                 self._conn = self._open(role="client", name="")
+                self._conn.check_runtime()
                 if self._host is not None:
                     self._host_conn = self._open(role="host", name=self._name, host=self._host)
             except BaseException:
@@ -137,6 +139,14 @@ class Manager:
 
     def __enter__(self) -> Manager:
         return self.connect()
+
+    def __del__(self) -> None:
+        if getattr(self, "_conn", None) is not None or getattr(self, "_cluster", None) is not None:
+            warnings.warn(
+                f"Manager for {self._address} collected without shutdown()",
+                ResourceWarning,
+                stacklevel=1,
+            )
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None

@@ -10,12 +10,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from fabric.remote._executor import Executor
+from fabric.remote._progress import Progress, check, track
 
 T = TypeVar("T")
 
@@ -125,8 +127,6 @@ class Pool:
             raise ValueError("Number of processes must be at least 1")
         self._executor = executor
         self._init, self._initargs = initializer, tuple(initargs)
-        import os
-
         self._token = os.urandom(8)
         self._state = "RUN"
 
@@ -138,19 +138,25 @@ class Pool:
         return self._executor.submit(_call, self._token, self._init, self._initargs, fn, args)
 
     def _submit_chunks(
-        self, fn: Callable[..., Any], iterable: Iterable[tuple[Any, ...]], chunksize: int | None
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[tuple[Any, ...]],
+        chunksize: int | None,
+        progress: Progress = False,
     ) -> list[cf.Future[Any]]:
         items = list(iterable)
-        if chunksize is None:  # multiprocessing's rule: about 4 chunks per worker slot
+        if chunksize is None:  # ~32 chunks: enough to balance nodes, few round trips
             chunksize = max(1, -(-len(items) // 32))
         if chunksize < 1:
-            raise ValueError("Chunksize must be 1+, not {chunksize}")
-        return [
-            self._executor.submit(
-                _call_chunk, self._token, self._init, self._initargs, fn, items[i : i + chunksize]
-            )
-            for i in range(0, len(items), chunksize)
+            raise ValueError(f"Chunksize must be 1+, not {chunksize}")
+        check(progress)
+        chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+        futures = [
+            self._executor.submit(_call_chunk, self._token, self._init, self._initargs, fn, chunk)
+            for chunk in chunks
         ]
+        track(futures, [len(chunk) for chunk in chunks], progress, "map")
+        return futures
 
     def apply(
         self, func: Callable[..., T], args: Iterable[Any] = (), kwds: dict[str, Any] | None = None
@@ -172,9 +178,14 @@ class Pool:
         return AsyncResult([future], False, True, callback, error_callback)
 
     def map(
-        self, func: Callable[..., T], iterable: Iterable[Any], chunksize: int | None = None
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        progress: Progress = False,
     ) -> list[T]:
-        return self.map_async(func, iterable, chunksize).get()
+        """Return ``[func(x) for x in iterable]`` computed on the cluster."""
+        return self.map_async(func, iterable, chunksize, progress=progress).get()
 
     def map_async(
         self,
@@ -183,9 +194,10 @@ class Pool:
         chunksize: int | None = None,
         callback: Callable[[list[T]], None] | None = None,
         error_callback: Callable[[BaseException], None] | None = None,
+        progress: Progress = False,
     ) -> AsyncResult[list[T]]:
         self._check()
-        futures = self._submit_chunks(func, ((x,) for x in iterable), chunksize)
+        futures = self._submit_chunks(func, ((x,) for x in iterable), chunksize, progress)
         return AsyncResult(futures, True, False, callback, error_callback)
 
     def starmap(
@@ -193,8 +205,10 @@ class Pool:
         func: Callable[..., T],
         iterable: Iterable[Iterable[Any]],
         chunksize: int | None = None,
+        progress: Progress = False,
     ) -> list[T]:
-        return self.starmap_async(func, iterable, chunksize).get()
+        """Return ``[func(*args) for args in iterable]`` computed on the cluster."""
+        return self.starmap_async(func, iterable, chunksize, progress=progress).get()
 
     def starmap_async(
         self,
@@ -203,25 +217,34 @@ class Pool:
         chunksize: int | None = None,
         callback: Callable[[list[T]], None] | None = None,
         error_callback: Callable[[BaseException], None] | None = None,
+        progress: Progress = False,
     ) -> AsyncResult[list[T]]:
         self._check()
-        futures = self._submit_chunks(func, (tuple(a) for a in iterable), chunksize)
+        futures = self._submit_chunks(func, (tuple(a) for a in iterable), chunksize, progress)
         return AsyncResult(futures, True, False, callback, error_callback)
 
     def imap(
-        self, func: Callable[..., T], iterable: Iterable[Any], chunksize: int = 1
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        progress: Progress = False,
     ) -> Iterator[T]:
         """Yield results in order as they arrive."""
         self._check()
-        futures = self._submit_chunks(func, ((x,) for x in iterable), chunksize)
+        futures = self._submit_chunks(func, ((x,) for x in iterable), chunksize, progress)
         return itertools.chain.from_iterable(f.result() for f in futures)
 
     def imap_unordered(
-        self, func: Callable[..., T], iterable: Iterable[Any], chunksize: int = 1
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        progress: Progress = False,
     ) -> Iterator[T]:
         """Yield results in the order they complete."""
         self._check()
-        futures = self._submit_chunks(func, ((x,) for x in iterable), chunksize)
+        futures = self._submit_chunks(func, ((x,) for x in iterable), chunksize, progress)
         return itertools.chain.from_iterable(f.result() for f in cf.as_completed(futures))
 
     def close(self) -> None:
@@ -238,8 +261,7 @@ class Pool:
         """Wait for the outstanding tasks (after close() or terminate())."""
         if self._state == "RUN":
             raise ValueError("Pool is still running")
-        pending = [f for f in self._executor._pending_futures()]
-        cf.wait(pending, timeout)
+        cf.wait(self._executor.outstanding(), timeout)
 
     def __enter__(self) -> Pool:
         self._check()

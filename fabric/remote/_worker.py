@@ -27,7 +27,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from types import FrameType
 
 import zmq
@@ -58,11 +59,16 @@ def _signal_name(returncode: int) -> str:
 
 
 class WorkerNode:
-    """Run tasks from the broker at ``address`` on ``processes`` task processes."""
+    """Run tasks from the broker at ``address`` on ``processes`` task processes.
+
+    ``address`` may be a callable, called once the task processes are started:
+    a Manager starts its node while its broker is still starting and hands the
+    address over then, so the two start-ups overlap.
+    """
 
     def __init__(
         self,
-        address: str,
+        address: str | Callable[[], str],
         *,
         processes: int | None = None,
         name: str | None = None,
@@ -78,9 +84,10 @@ class WorkerNode:
         self._env = {**os.environ, **(env or {})}
         self._grace = grace
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._address = address
         self._link = Link(
             self._context,
-            address,
+            address if isinstance(address, str) else "",
             role="worker",
             name=self.name,
             curve=curve,
@@ -90,6 +97,7 @@ class WorkerNode:
         )
         self._slots: list[_Slot] = []
         self._unacked: dict[tuple[bytes, int], Result] = {}
+        self._unsent: list[tuple[bytes, int]] = []
         self._draining = False
         self._stop_now = False
         self._wake_r, self._wake_w = os.pipe()
@@ -120,6 +128,8 @@ class WorkerNode:
         """Serve until drained; return the exit status (2 if the broker refused this node)."""
         try:
             self._slots = [self._spawn() for _ in range(self.processes)]
+            if not isinstance(self._address, str):
+                self._link.address = self._address()
             self._link.open()
             self._loop()
             return 0
@@ -149,6 +159,8 @@ class WorkerNode:
                 for message in self._link.receive():
                     self._on_message(message)
             self._link.tick(time.monotonic())
+            if self._unsent and self._link.ready:
+                self._retry_unsent()
         if self._link.ready and not self._stop_now:
             self._link.say_bye(Bye())
         log.info("worker node %s drained", self.name)
@@ -223,8 +235,10 @@ class WorkerNode:
         )
 
     def _report(self, result: Result) -> None:
-        self._unacked[(result.task, result.attempt)] = result
-        self._link.send(result)
+        key = (result.task, result.attempt)
+        self._unacked[key] = result
+        if not self._link.send(result):
+            self._unsent.append(key)  # the link is down or full: try again (or on WELCOME)
 
     def _cancel(self, message: Cancel) -> None:
         for slot in self._slots:
@@ -233,8 +247,21 @@ class WorkerNode:
                 slot.proc.terminate()
 
     def _resend(self, welcome: Welcome) -> None:
-        for result in self._unacked.values():
-            self._link.send(result)
+        # HELLO's capacity already counted the slots these results freed, and the
+        # broker takes it as our whole credit: re-sent with their credit, they would
+        # let it dispatch more tasks than we have slots (seen after a broker restart).
+        self._unsent = []
+        for key, result in self._unacked.items():
+            self._unacked[key] = replace(result, credit=0)
+            if not self._link.send(self._unacked[key]):
+                self._unsent.append(key)
+
+    def _retry_unsent(self) -> None:
+        keys, self._unsent = self._unsent, []
+        for key in keys:
+            result = self._unacked.get(key)
+            if result is not None and not self._link.send(result):
+                self._unsent.append(key)
 
     # --- task processes ---------------------------------------------------------------
     def _spawn(self) -> _Slot:

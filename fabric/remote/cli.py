@@ -31,7 +31,11 @@ def register(subparsers: Any) -> None:
         description="Join the broker at ADDR as a worker node with N task processes. "
         "SIGTERM drains it (running tasks finish, no new ones start); a second SIGTERM stops it.",
     )
-    worker.add_argument("address", metavar="ADDR", help="the broker, e.g. tcp://10.0.0.5:5555")
+    worker.add_argument(
+        "address",
+        metavar="ADDR",
+        help="the broker, e.g. tcp://10.0.0.5:5555 ('-': read it from stdin)",
+    )
     worker.add_argument(
         "--processes", "-p", type=int, default=None, help="task processes (default: one per core)"
     )
@@ -63,9 +67,17 @@ def run_worker(args: argparse.Namespace) -> int:
         curve = curve_from_env()  # an embedded cluster's throw-away keys
         if curve is not None:
             env[CURVE_ENV] = os.environ[CURVE_ENV]
-    node = WorkerNode(args.address, processes=args.processes, name=args.name, curve=curve, env=env)
+    address = args.address if args.address != "-" else _address_from_stdin
+    node = WorkerNode(address, processes=args.processes, name=args.name, curve=curve, env=env)
     node.install_signal_handlers()
     return node.run()
+
+
+def _address_from_stdin() -> str:
+    address = sys.stdin.readline().strip()
+    if not address:
+        raise SystemExit("fabric worker: no broker address on stdin")
+    return address
 
 
 def main(argv: Sequence[str] | None = None) -> int:

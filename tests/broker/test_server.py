@@ -71,7 +71,9 @@ def test_a_task_travels_client_broker_worker_and_back(
     assert broker.statistics().tasks.tasks_done == 1
 
 
-def test_tasks_only_reach_workers_of_the_same_runtime(start_broker: Start) -> None:
+def test_tasks_only_reach_workers_of_the_same_runtime(
+    start_broker: Start, caplog: pytest.LogCaptureFixture
+) -> None:
     broker = start_broker()
     with peers(broker.address) as make:
         client, other, same = make(), make(), make()
@@ -81,9 +83,27 @@ def test_tasks_only_reach_workers_of_the_same_runtime(start_broker: Start) -> No
         client.send(p.Submit(b"t"))
         client.expect(p.Ack)
         assert other.silent()
+        assert "needing {'runtime': 'py3.11/cloudpickle3.1'}; no connected worker matches" in (
+            caplog.text
+        )
+        assert "workers run ['py3.10/cloudpickle3.1']" in caplog.text
         same.hello("worker", capacity=1)
         assert same.expect(p.Dispatch).task == client.session + b"t"
     assert runtime_tag(PY, CP) == "py3.11/cloudpickle3.1"
+
+
+def test_with_a_service_a_peer_of_another_runtime_is_refused_naming_both(
+    start_broker: Start,
+) -> None:
+    broker = start_broker(services=[CountingService()])
+    with peers(broker.address) as make:
+        old, same = make(), make()
+        old.send(p.Hello("worker", "old", old.session, "3.10.1", CP, capacity=1))
+        refuse = old.expect(p.Refuse)
+        assert refuse.code == "runtime"
+        assert "Python 3.10.1" in refuse.reason and f"Python {PY}" in refuse.reason
+        same.hello("worker", capacity=1)
+    assert broker.statistics().refused == 1
 
 
 def test_messages_before_hello_wrong_role_and_bad_frames_get_errors(start_broker: Start) -> None:
@@ -110,9 +130,7 @@ def test_messages_before_hello_wrong_role_and_bad_frames_get_errors(start_broker
 
 
 def test_a_silent_worker_is_declared_dead_its_task_requeued_then_lost(start_broker: Start) -> None:
-    broker = start_broker(
-        heartbeat=0.05, liveness=2, limits=Limits(max_retries=1, liveness_timeout=0.1)
-    )
+    broker = start_broker(heartbeat=0.05, liveness=2, limits=Limits(max_retries=1))
     with peers(broker.address) as make:
         client, w1, w2 = make(), make(), make()
         client.hello("client")
@@ -327,3 +345,82 @@ def test_accepted_tasks_survive_a_broker_restart(start_broker: Start, tmp_path: 
         assert results == [(b"a", (b"a",)), (b"b", (b"b",)), (b"c", (b"c",))]
         client.send(p.Submit(b"d"))
         assert client.expect(p.Reject).code == "duplicate"
+
+
+def test_the_broker_heartbeats_idle_peers_and_forgets_silent_ones(start_broker: Start) -> None:
+    broker = start_broker(heartbeat=0.05, liveness=3)
+    with peers(broker.address) as make:
+        peer = make()
+        peer.hello("admin")
+        assert isinstance(peer.take(timeout=5), p.Heartbeat)
+        # the peer never answers: after heartbeat * liveness its session is dropped, and the
+        # broker's heartbeats stop
+        while isinstance(peer.take(timeout=1), p.Heartbeat):
+            pass
+        assert broker.statistics().sessions == 0
+        peer.send(p.Status())
+        assert peer.expect(p.Error).code == "hello-required"
+
+
+def test_close_is_idempotent_and_releases_the_port(start_broker: Start) -> None:
+    import zmq
+
+    broker = start_broker()
+    address = broker.address
+    broker.close()
+    broker.close()
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
+        sock.bind(address)  # the port is free again
+
+
+def test_a_broker_that_cannot_open_its_journal_does_not_start(tmp_path: Path) -> None:
+    from fabric.broker.journal import JournalError
+
+    broker = Broker(journal=tmp_path)  # a directory
+    with pytest.raises(JournalError, match="cannot use"):
+        broker.start()
+    broker.close()
+
+
+def test_a_worker_cut_off_and_back_delivers_once_and_the_rerun_is_cancelled(
+    start_broker: Start,
+) -> None:
+    broker = start_broker(heartbeat=0.05, liveness=4)
+    with peers(broker.address) as make:
+        client, w1, w2 = make(), make(), make()
+        client.keepalive = w2.keepalive = 0.02
+        client.hello("client")
+        w1.hello("worker", "w1", capacity=1)
+        client.send(p.Submit(b"t"))
+        client.expect(p.Ack)
+        first = w1.expect(p.Dispatch)  # then w1 is cut off (silent) past its liveness
+        w2.hello("worker", "w2", capacity=1)
+        second = None
+        while not isinstance(second, p.Dispatch):  # the client and w2 keep talking meanwhile
+            client.send(p.Heartbeat())
+            w2.send(p.Heartbeat())
+            second = w2.take(0.02)
+        assert (first.attempt, second.attempt) == (1, 2)
+        w1.hello("worker", "w1", capacity=0)  # back, on the same session, with its old result
+        w1.send(p.Result(first.task, 1, "ok", credit=1, payload=(b"from w1",)))
+        assert w1.expect(p.Ack) == p.Ack(first.task, 1)
+        assert client.expect(p.Result) == p.Result(b"t", 1, "ok", payload=(b"from w1",))
+        assert w2.expect(p.Cancel) == p.Cancel(second.task, 2)
+        w2.send(p.Result(second.task, 2, "ok", credit=1, payload=(b"from w2",)))
+        assert w2.expect(p.Ack) == p.Ack(second.task, 2)
+        assert client.silent(0.3)  # no second result
+    stats = broker.statistics().tasks
+    assert (stats.tasks_done, stats.duplicates, stats.retries) == (1, 1, 1)
+
+
+def test_sessions_past_the_limit_are_refused(start_broker: Start) -> None:
+    broker = start_broker(max_sessions=1)
+    with peers(broker.address) as make:
+        first, second = make(), make()
+        first.keepalive = 0.05
+        first.hello("client")
+        second.send(p.Hello("client", "late", second.session, PY, CP))
+        refuse = second.expect(p.Refuse)
+        assert (refuse.code, refuse.reason) == ("busy", "the broker holds 1 sessions")
+        first.send(p.Status())
+        assert first.expect(p.Stats).stats["sessions"] == 1

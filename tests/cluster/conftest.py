@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import netlab
+from tests.cluster import compose, netlab
 
 
 @pytest.fixture
@@ -26,3 +26,22 @@ def make_lab(tmp_path: Path) -> Iterator[Callable[..., netlab.Lab]]:
             return stack.enter_context(netlab.Lab(names, seed=seed, logdir=logdir))
 
         yield make
+
+
+@pytest.fixture(scope="session")
+def compose_env() -> dict[str, str]:
+    """The environment for compose, once the fabric image is built; skip without Docker."""
+    reason = compose.engine_problem()
+    if reason is not None:
+        pytest.skip(f"docker tests need a Docker engine: {reason}")
+    return compose.prepare_image()
+
+
+@pytest.fixture
+def project(compose_env: dict[str, str]) -> Iterator[compose.Project]:
+    """A compose project of its own, taken down with its volumes after the test."""
+    proj = compose.Project(dict(compose_env))
+    try:
+        yield proj
+    finally:
+        proj.down()

@@ -20,7 +20,8 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -44,6 +45,19 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; raise TimeoutError naming ``what`` after ``timeout``.
+
+    For state only another system can report (a broker's view, Docker's), which
+    has no event to wait on.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
 class Lines:
     """The lines of a text pipe, read by a thread so a wait can have a timeout."""
 
@@ -53,8 +67,9 @@ class Lines:
         self._thread.start()
 
     def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._queue.put(line.rstrip("\n"))
+        with stream:
+            for line in stream:
+                self._queue.put(line.rstrip("\n"))
         self._queue.put("")  # EOF
 
     def get(self, timeout: float) -> str:
@@ -88,7 +103,7 @@ class Lab:
         self._switch_ns = f"{PREFIX}{self.suffix}-sw"
         self._seed = seed
         self._switch: subprocess.Popen[str] | None = None
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._procs: list[tuple[str, subprocess.Popen[str]]] = []
         self._made: list[str] = []
 
     def __enter__(self) -> Lab:
@@ -132,18 +147,23 @@ class Lab:
         log: str,
         env: Mapping[str, str] | None = None,
         stdout: int | None = None,
-    ) -> subprocess.Popen[bytes]:
+    ) -> subprocess.Popen[str]:
         """Start ``argv`` on ``host``; stderr (and stdout unless piped) go to ``logdir/log``."""
-        with open(self.logdir / log, "ab") as out:
+        with open(self.logdir / log, "a") as out:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.hosts[host].netns, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out if stdout is None else stdout,
                 stderr=out,
                 env={**os.environ, **(env or {})},
+                text=True,
             )
-        self._procs.append(proc)
+        self._procs.append((host, proc))
         return proc
+
+    def processes(self, host: str) -> list[subprocess.Popen[str]]:
+        """The processes started on ``host`` that are still running."""
+        return [p for h, p in self._procs if h == host and p.poll() is None]
 
     def link_down(self, host: str) -> None:
         """Take the host's link down, as if its cable were pulled."""
@@ -181,20 +201,18 @@ class Lab:
 
     def close(self) -> None:
         """Kill every process of the lab, stop the switch and delete the namespaces."""
-        for proc in self._procs:
+        for _, proc in self._procs:
             stop(proc)
         if self._switch is not None:
             if self._switch.stdin:
                 self._switch.stdin.close()
             stop(self._switch, grace=5.0)
-            if self._switch.stdout:
-                self._switch.stdout.close()
         for netns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
         self._made.clear()
 
 
-def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = 0.0) -> None:
+def stop(proc: subprocess.Popen[str], grace: float = 0.0) -> None:
     """Wait ``grace`` seconds for ``proc`` to exit, then kill it, and reap it."""
     if proc.poll() is None and grace > 0:
         with contextlib.suppress(subprocess.TimeoutExpired):

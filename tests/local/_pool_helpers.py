@@ -137,3 +137,7 @@ class BadReduce:
 
 def return_bad_reduce() -> BadReduce:
     return BadReduce()
+
+
+def square_and_pid(x: int) -> tuple[int, int]:
+    return x * x, os.getpid()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import (
     BrokenExecutor,
@@ -14,6 +16,7 @@ from concurrent.futures import (
     as_completed,
     wait,
 )
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,3 +161,28 @@ def test_bad_arguments() -> None:
 def test_spawn_context() -> None:
     with Executor(1, mp_context="spawn") as executor:
         assert executor.submit(lambda: os.getppid()).result(60) == os.getpid()
+
+
+EXIT_SCRIPT = """
+import os, time
+from fabric.local import Executor
+
+def write(path):
+    time.sleep(0.5)  # still running when the interpreter starts to exit
+    with open(path, "w") as f:
+        f.write("done")
+
+if __name__ == "__main__":
+    executor = Executor(1)
+    executor.submit(write, os.environ["TARGET"])
+    executor.shutdown(wait=False)
+"""
+
+
+def test_work_queued_before_shutdown_wait_false_finishes_at_exit(tmp_path: Path) -> None:
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    target = tmp_path / "target"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TARGET=str(target))
+    subprocess.run([sys.executable, str(script)], env=env, timeout=60, check=True)
+    assert target.read_text() == "done"

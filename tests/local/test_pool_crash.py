@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -148,3 +150,33 @@ def test_imap_unordered_survives_a_crash(tmp_path: Path) -> None:
         crash_once = functools.partial(h.die_once, how="exit")
         results = list(pool.imap_unordered(crash_once, [marker] * 6, 1))
         assert results == ["second try"] * 6
+
+
+def test_idle_worker_killed_from_outside_is_replaced() -> None:
+    with Pool(1) as pool:
+        pid = pool.apply(os.getpid)
+        os.kill(pid, signal.SIGKILL)
+        assert pool.apply(os.getpid) != pid  # waits for the replacement, never hangs
+        stats = pool.statistics()
+        assert (stats.workers, stats.workers_lost, stats.failed) == (1, 1, 0)
+
+
+def test_retries_is_configurable() -> None:
+    with Pool(1, retries=2) as pool, pytest.raises(WorkerLostError) as info:
+        pool.apply(h.die, ("exit",))
+    assert info.value.attempts == 3
+    assert "retries=2" in str(info.value)
+
+
+def test_random_kills_lose_no_task_and_duplicate_no_result() -> None:
+    rng = random.Random(1234)
+    kill_at = set(rng.sample(range(50, 1500), 6))
+    with Pool(2, retries=10) as pool:
+        seen: dict[int, int] = {}
+        for n, (value, pid) in enumerate(pool.imap_unordered(h.square_and_pid, range(2000), 1)):
+            seen[value] = seen.get(value, 0) + 1
+            if n in kill_at:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        assert seen == {x * x: 1 for x in range(2000)}
+        assert pool.statistics().workers_lost >= 1

@@ -49,7 +49,8 @@ def report_identity(block: _shm.Block) -> None:
     me = fabric.local.current_process()
     parent = fabric.local.parent_process()
     assert parent is not None
-    fields = (me.name, me.pid, os.getpid(), me.daemon, parent.name, parent.pid, me.is_alive())
+    alive = me.is_alive() and parent.is_alive()
+    fields = (me.name, me.pid, os.getpid(), me.daemon, parent.name, parent.pid, alive)
     text = "|".join(map(str, fields))
     write(block, text.encode().ljust(200))
 
@@ -225,6 +226,21 @@ def test_terminate_and_kill(ctx: Context, verb: str, sig: int) -> None:
         started.close()
 
 
+def test_interrupt_raises_keyboard_interrupt_in_the_child(ctx: Context) -> None:
+    gate, started = Gate(), Gate()
+    try:
+        proc = ctx.Process(target=block_until_opened, args=(gate.read_end, started.write_end))
+        proc.start()
+        assert wait_gate(started.read_end, TIMEOUT)
+        proc.interrupt()
+        proc.join(TIMEOUT)
+        assert proc.exitcode == 1
+        assert isinstance(proc.exception, KeyboardInterrupt)
+    finally:
+        gate.close()
+        started.close()
+
+
 def test_sentinel_works_with_select_and_wait(ctx: Context) -> None:
     gate = Gate()
     try:
@@ -262,12 +278,13 @@ def test_close(ctx: Context) -> None:
         gate.close()
 
 
-def test_close_keeps_the_exception(ctx: Context) -> None:
-    proc = ctx.Process(target=raise_value_error, args=("kept",))
+def test_exception_is_closed_with_the_process(ctx: Context) -> None:
+    proc = ctx.Process(target=raise_value_error, args=("gone",))
     proc.start()
     proc.join(TIMEOUT)
     proc.close()
-    assert proc._exception is not None and str(proc._exception) == "kept"
+    with pytest.raises(ValueError, match="closed"):
+        _ = proc.exception
 
 
 def test_join_only_from_the_parent() -> None:
@@ -331,7 +348,7 @@ def test_module_functions_in_parent(ctx: Context) -> None:
         proc = ctx.Process(target=block_until_opened, args=(gate.read_end,))
         proc.start()
         assert proc in fabric.local.active_children()
-        assert fabric.local.enumerate() == [me, proc] or proc in fabric.local.enumerate()
+        assert fabric.local.enumerate() == [me, proc]
         assert fabric.local.active_count() >= 2
         signal_gate(gate.write_end)
         proc.join(TIMEOUT)
@@ -492,3 +509,41 @@ def test_fds_are_released_by_close_and_by_collection(ctx: Context) -> None:
     del proc
     gc.collect()
     assert open_fds() <= before
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_threads_start_processes_concurrently(method: str) -> None:
+    ctx = fabric.local.get_context(method)
+    blocks = [_shm.allocate(16) for _ in range(8)]
+    barrier = threading.Barrier(4)
+    codes: list[int | None] = []
+
+    def starter(mine: list[_shm.Block]) -> None:
+        barrier.wait(TIMEOUT)
+        procs = [ctx.Process(target=write, args=(b, b"ok")) for b in mine]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(TIMEOUT)
+            codes.append(proc.exitcode)
+
+    threads = [threading.Thread(target=starter, args=(blocks[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert codes == [0] * 8
+    assert all(bytes(b.buffer[:2]) == b"ok" for b in blocks)
+
+
+def test_unpicklable_excepthook_falls_back_to_the_default(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    lock = threading.Lock()
+    monkeypatch.setattr(fabric.local, "excepthook", lambda args: lock.locked())
+    proc = fabric.local.get_context("spawn").Process(target=raise_value_error, args=("x",))
+    with caplog.at_level("WARNING", logger="fabric.local._launch"):
+        proc.start()
+    proc.join(TIMEOUT)
+    assert proc.exitcode == 1 and isinstance(proc.exception, ValueError)
+    assert "cannot be pickled" in caplog.text

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import fabric.local
 from tests.local.test_lifetime import wait_gone
 
 METHODS = ["fork", "forkserver", "spawn"]
@@ -191,3 +192,52 @@ def test_child_bootstrap_is_import_light() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+PRELOAD = """
+import sys
+import fabric.local
+
+def report():
+    print("wave" in sys.modules, flush=True)
+
+if __name__ == "__main__":
+    fabric.local.set_forkserver_preload(sys.argv[1:])
+    p = fabric.local.get_context("forkserver").Process(target=report)
+    p.start()
+    p.join()
+"""
+
+
+@pytest.mark.parametrize(("modules", "loaded"), [([], "False"), (["wave"], "True")])
+def test_forkserver_preload(tmp_path: Path, modules: list[str], loaded: str) -> None:
+    done = run_script(tmp_path, PRELOAD, *modules)
+    assert (done.returncode, done.stdout.strip()) == (0, loaded), done.stderr
+
+
+def test_forkserver_preload_refuses_a_string() -> None:
+    with pytest.raises(TypeError):
+        fabric.local.set_forkserver_preload("numpy")  # type: ignore[arg-type]
+
+
+RESOURCE_WARNINGS = """
+import warnings
+warnings.simplefilter("always", ResourceWarning)
+import fabric.local
+
+def nothing():
+    pass
+
+if __name__ == "__main__":
+    for method in ["forkserver", "fork", "spawn", "fork"]:
+        p = fabric.local.get_context(method).Process(target=nothing)
+        p.start()
+        p.join()
+        p.close()
+    print("done", flush=True)
+"""
+
+
+def test_no_resource_warnings_in_parent_or_children(tmp_path: Path) -> None:
+    done = run_script(tmp_path, RESOURCE_WARNINGS)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")

@@ -7,7 +7,9 @@ fork the handles are inherited, otherwise they travel as pickled Blocks.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -294,6 +296,30 @@ def test_reused_pid_is_not_mistaken_for_the_owner() -> None:
     lock.release()
 
 
+def block_on(lock: Any) -> None:
+    lock.acquire()
+
+
+def test_killed_waiter_leaves_the_lock_usable(spawn: Callable[..., Child]) -> None:
+    lock, got = fabric.local.Lock(), fabric.local.Event()
+    lock.acquire()
+    kid = spawn(block_on, lock)
+    deadline = time.monotonic() + 30
+    while lock.statistics().waiters == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)  # polling a counter, not synchronising: the child is asleep
+    kid.kill()
+    assert kid.wait() == -signal.SIGKILL
+    assert lock.statistics().waiters == 1  # the dead waiter's count stays (documented)
+    t = threading.Thread(target=lambda: lock.acquire(timeout=30) and got.set())
+    t.start()
+    lock.release()  # wakes the live waiter (or nobody), never loses the lock
+    assert got.wait(30)
+    t.join(30)
+    lock.release()
+    assert lock.acquire(False)
+    lock.release()
+
+
 # -------------------------------------------------------------------- leaks
 
 
@@ -359,3 +385,48 @@ def test_no_leak_after_child_kill(spawn: Callable[..., Child]) -> None:
     assert kid.wait() == -signal.SIGKILL
     assert processes_holding(inode) == []  # nobody maps it: the kernel has freed it
     assert memfds() == fds
+
+
+# ------------------------------------------------------------- no syscalls
+
+UNCONTENDED_LOOP = """
+import sys
+from fabric.local import Event, Lock, RLock, Semaphore
+lock, rlock, sem, event = Lock(), RLock(), Semaphore(1), Event()
+event.set()
+for _ in range(int(sys.argv[1])):
+    lock.acquire(); lock.release(); rlock.acquire(); rlock.release()
+    sem.acquire(); sem.release(); event.wait(); event.is_set()
+"""
+
+
+def _syscalls(iterations: int, tmp_path: Path) -> int:
+    out = tmp_path / f"strace-{iterations}.txt"
+    subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-c",
+            "-o",
+            str(out),
+            sys.executable,
+            "-c",
+            UNCONTENDED_LOOP,
+            str(iterations),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    total = out.read_text().strip().splitlines()[-1].split()
+    return int(total[3])  # "100.00 seconds usecs/call calls [errors] total"
+
+
+def test_uncontended_paths_make_no_system_calls(tmp_path: Path) -> None:
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    try:
+        few = _syscalls(10, tmp_path)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"strace cannot trace here: {exc.stderr.decode(errors='replace')[:200]}")
+    many = _syscalls(20_000, tmp_path)
+    assert many - few < 20, f"{many - few} more system calls for 19,990 more iterations"

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,9 +76,14 @@ class Cluster:
         self.broker.close()
 
 
-def start_broker(keys: Path, bind: str = "tcp://127.0.0.1:0") -> Broker:
+def start_broker(keys: Path, bind: str = "tcp://127.0.0.1:0", **options: Any) -> Broker:
     broker = Broker(
-        bind, keys=keys, services=[BuiltinHostService()], heartbeat=HEARTBEAT, liveness=LIVENESS
+        bind,
+        keys=keys,
+        services=[BuiltinHostService()],
+        heartbeat=HEARTBEAT,
+        liveness=LIVENESS,
+        **options,
     )
     broker.start()
     return broker

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import pytest
 
+from fabric.errors import WorkerLostError
 from fabric.remote import RemoteTraceback
-from tests.remote.conftest import Cluster
+from tests.remote.conftest import HEARTBEAT, LIVENESS, Cluster, start_broker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -97,3 +101,52 @@ def test_map_timeout_raises(cluster: Cluster) -> None:
         list(ex.map(wait_for, [gate], timeout=0.2))
     gate.set()
     ex.shutdown(wait=True)
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_task_that_kills_its_process_is_reported_not_retried_forever(cluster: Cluster) -> None:
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    with pytest.raises(WorkerLostError, match="SIGKILL"):
+        mgr.Executor().submit(die).result(timeout=120)
+    process = mgr.Process(target=die)
+    process.start()
+    process.join(120)
+    assert process.exitcode == -signal.SIGKILL
+    assert mgr.Executor().submit(abs, -4).result(timeout=60) == 4  # the node still serves
+
+
+def test_map_shows_a_progress_bar_when_asked(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tqdm")
+    cluster.node(processes=2)
+    mgr = cluster.manager()
+    assert list(mgr.Executor().map(abs, range(-10, 0), progress="force", chunksize=3)) == list(
+        range(10, 0, -1)
+    )
+    assert "10/10" in capsys.readouterr().err
+    assert mgr.Pool().map(abs, range(-6, 0), progress="force") == list(range(6, 0, -1))
+    assert "6/6" in capsys.readouterr().err
+    list(mgr.Executor().map(abs, range(3)))
+    assert capsys.readouterr().err == ""  # off by default
+    with pytest.raises(ValueError, match="progress must be"):
+        mgr.Executor().map(abs, range(3), progress="yes")  # type: ignore[arg-type]
+
+
+def test_a_busy_broker_pushes_back_and_every_task_still_runs(keydir: Path) -> None:
+    from fabric.broker.scheduler import Limits
+
+    limits = Limits(max_tasks=2, liveness_timeout=HEARTBEAT * LIVENESS)
+    busy = Cluster(keydir, start_broker(keydir, limits=limits))
+    try:
+        busy.node(processes=1)
+        ex = busy.manager().Executor()
+        futures = [ex.submit(abs, -i) for i in range(12)]  # 10 of them are refused at first
+        assert [f.result(timeout=60) for f in futures] == list(range(12))
+        assert busy.broker.statistics().tasks.rejected_busy > 0
+    finally:
+        busy.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import threading
 from typing import Any
@@ -141,3 +142,23 @@ def test_threads_share_one_connection(cluster: Cluster) -> None:
     for thread in threads:
         thread.join(60)
     assert counter.value == 80
+
+
+def test_a_client_of_another_runtime_is_refused_naming_both(cluster: Cluster) -> None:
+    from fabric.errors import VersionMismatchError
+    from fabric.remote._connection import Connection
+    from fabric.remote._keys import load_curve
+    from fabric.remote._link import Runtime
+
+    curve = load_curve(cluster.keys, "client")
+    older = Runtime(python="3.9.18", cloudpickle=cloudpickle.__version__)
+    with (  # refused at the handshake: the broker hosts objects, so it checks runtimes
+        pytest.raises(VersionMismatchError) as caught,
+        Connection(cluster.address, curve=curve, runtime=older),
+    ):
+        pass
+    text = str(caught.value)
+    assert "3.9.18" in text and platform.python_version() in text
+    same = Runtime(python=platform.python_version(), cloudpickle=cloudpickle.__version__)
+    with Connection(cluster.address, curve=curve, runtime=same) as conn:
+        conn.check_runtime()

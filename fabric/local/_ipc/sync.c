@@ -34,14 +34,24 @@
  *
  * Fast paths take one atomic RMW: CAS 0 -> ident (acquire), XCHG -> 0
  * (release), CAS value -> value-1 (semaphore). Slow paths release the GIL,
- * spin for an adaptive budget (SPIN_MIN_NS..SPIN_MAX_NS, halved after a spin
- * that did not pay off, so idle waiters soon stop spinning), then register in
- * the waiter count and FUTEX_WAIT in slices of at most SLICE_S seconds.
+ * spin by sched_yield() for an adaptive budget (SPIN_MIN_NS..SPIN_MAX_NS,
+ * halved after a spin that did not pay off, so idle waiters soon stop
+ * spinning), then register in the waiter count and FUTEX_WAIT in slices of at
+ * most SLICE_S seconds; after each slice they return to the interpreter to run
+ * signal handlers (WAIT_AGAIN) and come back.
  * Releasers FUTEX_WAKE only when the waiter count is non-zero; the waiter
  * increments the count *before* re-reading the word and the releaser writes
  * the word *before* reading the count, both seq_cst (Dekker), so one of them
  * always sees the other: no lost wake-up. A waiter that leaves without
  * consuming what it was woken for passes the wake-up on.
+ *
+ * Memory orders, in general (each use says why when it departs from this):
+ * taking a lock or a unit is an acquire RMW; giving it back is a seq_cst RMW
+ * (release for the data it guards, seq_cst for the Dekker pairing above);
+ * waiter/sleeper counts are seq_cst for the same pairing; fields only the
+ * owner writes (RLock count and thread) are relaxed, ordered for the next
+ * owner by the lock word itself; statistics, magic and the spin budget are
+ * relaxed snapshots or hints.
  *
  * Dead owners: a Lock/RLock waiter checks, once per slice (and once more
  * before a timed acquire gives up), whether the process named by the word is

@@ -1,0 +1,231 @@
+"""The remote layer against multiprocessing's SyncManager and a raw pyzmq floor.
+
+Every row is measured in the same run on this machine:
+
+* managed dict ``d[k] = v`` and Queue ``put``+``get`` round trips: fabric's
+  embedded Manager against ``multiprocessing.managers.SyncManager`` over TCP;
+* no-op task throughput (``submit`` and ``map``) with 2 worker processes, and
+  the single-task round trip, against a raw pyzmq floor: a ROUTER broker
+  thread handing pickled calls to 2 DEALER worker processes, no journal, no
+  keys, no retries;
+* cold start: ``Manager()`` to the first task result, against
+  ``ProcessPoolExecutor`` (local) start-up.
+
+dask, Ray, Celery and ipyparallel are not installed here; their figures
+measured elsewhere are in the design notes, not in these tables.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing.managers as mpm
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import cloudpickle
+import zmq
+
+from bench._harness import Table, rate, repeat
+from fabric.remote import Manager
+
+N_OPS = 2_000
+N_TASKS = 2_000
+N_TRIPS = 200
+WORKERS = 2
+
+_FLOOR_WORKER = """
+import os, sys, zmq, cloudpickle
+parent = os.getppid()
+ctx = zmq.Context(); s = ctx.socket(zmq.DEALER); s.connect(sys.argv[1]); s.send(b"R")
+while True:
+    while not s.poll(1000):
+        if os.getppid() != parent:  # the benchmark died: do not outlive it
+            sys.exit(1)
+    tid, blob = s.recv_multipart()
+    if not blob:
+        break
+    fn, args = cloudpickle.loads(blob)
+    s.send_multipart([tid, cloudpickle.dumps(fn(*args))])
+"""
+
+
+class _Floor:
+    """A raw ROUTER broker thread and 2 DEALER worker processes: the cost floor."""
+
+    def __init__(self) -> None:
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._front = self._ctx.socket(zmq.ROUTER)
+        port = self._front.bind_to_random_port("tcp://127.0.0.1")
+        self._back = self._ctx.socket(zmq.ROUTER)
+        back = self._back.bind_to_random_port("tcp://127.0.0.1")
+        self._client = self._ctx.socket(zmq.DEALER)
+        self._client.connect(f"tcp://127.0.0.1:{port}")
+        self._stop = self._ctx.socket(zmq.PAIR)
+        self._stop.bind("inproc://floor-stop")
+        self._procs = [
+            subprocess.Popen([sys.executable, "-c", _FLOOR_WORKER, f"tcp://127.0.0.1:{back}"])
+            for _ in range(WORKERS)
+        ]
+        self._thread = threading.Thread(target=self._route, daemon=True)
+        self._thread.start()
+
+    def _route(self) -> None:
+        stop = self._ctx.socket(zmq.PAIR)
+        stop.connect("inproc://floor-stop")
+        idle: deque[bytes] = deque()
+        queued: deque[list[bytes]] = deque()
+        owners: dict[bytes, bytes] = {}
+        poller = zmq.Poller()
+        for sock in (self._front, self._back, stop):
+            poller.register(sock, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if stop in events:
+                for worker in idle:
+                    self._back.send_multipart([worker, b"", b""])
+                stop.close()
+                return
+            if self._back in events:
+                worker, *rest = self._back.recv_multipart()
+                if len(rest) == 2:  # a result (a lone frame says ready)
+                    self._front.send_multipart([owners.pop(rest[0]), *rest])
+                idle.append(worker)
+            if self._front in events:
+                client, tid, blob = self._front.recv_multipart()
+                owners[tid] = client
+                queued.append([tid, blob])
+            while idle and queued:
+                self._back.send_multipart([idle.popleft(), *queued.popleft()])
+
+    def map(self, fn: Any, items: list[Any]) -> list[Any]:
+        for i, item in enumerate(items):
+            self._client.send_multipart([b"%d" % i, cloudpickle.dumps((fn, (item,)))])
+        out: list[Any] = [None] * len(items)
+        for _ in items:
+            tid, blob = self._client.recv_multipart()
+            out[int(tid)] = cloudpickle.loads(blob)
+        return out
+
+    def close(self) -> None:
+        self._stop.send(b"")
+        self._thread.join()
+        for proc in self._procs:
+            proc.wait(10)
+        for sock in (self._stop, self._client, self._front, self._back):
+            sock.close(linger=0)
+        self._ctx.term()
+
+
+def _per_op(count: int, body: Any) -> float:
+    return 1e6 / rate(count, body)
+
+
+def _dict_table(repeats: int, mgr: Manager, sync: mpm.SyncManager) -> list[Table]:
+    ops = Table("Managed dict: d[k] = v, one client", "ops/s", baseline="SyncManager (TCP)")
+    queue_t = Table("Managed Queue: put + get, one client", "items/s", baseline="SyncManager (TCP)")
+    for name, d, q in (
+        ("SyncManager (TCP)", sync.dict(), sync.Queue()),  # type: ignore[attr-defined]
+        ("fabric Manager", mgr.dict(), mgr.Queue()),
+    ):
+
+        def sets(d: Any = d) -> None:
+            for i in range(N_OPS):
+                d["k"] = i
+
+        def puts(q: Any = q) -> None:
+            for i in range(N_OPS // 2):
+                q.put(i)
+            for _ in range(N_OPS // 2):
+                q.get()
+
+        ops.add(name, repeat(lambda sets=sets: rate(N_OPS, sets), repeats))
+        queue_t.add(name, repeat(lambda puts=puts: rate(N_OPS, puts), repeats))
+    return [ops, queue_t]
+
+
+def _task_tables(repeats: int, mgr: Manager, floor: _Floor) -> list[Table]:
+    ex = mgr.Executor()
+    items = list(range(N_TASKS))
+    thru = Table(
+        f"No-op tasks, {N_TASKS} at once, {WORKERS} worker processes",
+        "tasks/s",
+        baseline="raw pyzmq floor",
+    )
+    thru.add(
+        "raw pyzmq floor", repeat(lambda: rate(N_TASKS, lambda: floor.map(abs, items)), repeats)
+    )
+    thru.add(
+        "fabric Executor.submit",
+        repeat(
+            lambda: rate(N_TASKS, lambda: [f.result() for f in [ex.submit(abs, i) for i in items]]),
+            repeats,
+        ),
+    )
+    thru.add(
+        "fabric Executor.map",
+        repeat(lambda: rate(N_TASKS, lambda: list(ex.map(abs, items, timeout=120))), repeats),
+    )
+    trip = Table("Single-task round trip", "us", higher_is_better=False, baseline="raw pyzmq floor")
+    trip.add(
+        "raw pyzmq floor",
+        repeat(
+            lambda: _per_op(N_TRIPS, lambda: [floor.map(abs, [1]) for _ in range(N_TRIPS)]), repeats
+        ),
+    )
+    trip.add(
+        "fabric Executor",
+        repeat(
+            lambda: _per_op(N_TRIPS, lambda: [ex.submit(abs, 1).result() for _ in range(N_TRIPS)]),
+            repeats,
+        ),
+    )
+    return [thru, trip]
+
+
+def _cold_start() -> float:
+    start = time.perf_counter()
+    with Manager(processes=WORKERS) as mgr:
+        mgr.Executor().submit(abs, -1).result(timeout=120)
+        return time.perf_counter() - start
+
+
+def _cold_pool() -> float:
+    start = time.perf_counter()
+    with cf.ProcessPoolExecutor(WORKERS) as pool:
+        pool.submit(abs, -1).result()
+        return time.perf_counter() - start
+
+
+def run(repeats: int) -> list[Table]:
+    """Measure every table (see the module docstring)."""
+    cold = Table(
+        "Cold start to the first result",
+        "s",
+        higher_is_better=False,
+        baseline="ProcessPoolExecutor (local)",
+    )
+    cold.add("ProcessPoolExecutor (local)", repeat(_cold_pool, repeats))
+    cold.add("fabric Manager() (broker + node + host)", repeat(_cold_start, repeats))
+    sync = mpm.SyncManager(address=("127.0.0.1", 0))
+    sync.start()
+    floor = _Floor()
+    try:
+        with Manager(processes=WORKERS) as mgr:
+            # the node's task processes start in the background: wait for them to serve
+            list(mgr.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
+            tables = _dict_table(repeats, mgr, sync) + _task_tables(repeats, mgr, floor)
+    finally:
+        floor.close()
+        sync.shutdown()
+    return [*tables, cold]
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONPATH", os.getcwd())
+    for table in run(3):
+        print(table.markdown())
