@@ -145,6 +145,9 @@ class Connection:
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send ``size`` bytes of a bytes-like object, from ``offset``."""
         ring = self._check_writable()
+        if offset == 0 and size is None and type(buf) is bytes:
+            ring.send(buf, True)
+            return
         view = memoryview(buf).cast("B")
         n = len(view)
         if offset < 0:

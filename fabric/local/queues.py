@@ -90,6 +90,14 @@ class Queue:
         self._block, self._ring = _new_ring(capacity, maxsize, self._joinable)
         self._maxsize = max(maxsize, 0)
         self._closed = False
+        self._bind_fast_paths()
+
+    def _bind_fast_paths(self) -> None:
+        # put/get of an open queue are the C methods themselves (same
+        # signature), saving a Python call per message; close() unbinds them.
+        # Subclasses that override put/get keep their overrides.
+        if type(self).put is Queue.put and type(self).get is Queue.get:
+            self.__dict__["put"], self.__dict__["get"] = self._ring.put, self._ring.get
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild, (type(self), self._block, self._maxsize)
@@ -176,6 +184,8 @@ class Queue:
         messages stay in the queue.
         """
         self._closed = True
+        self.__dict__.pop("put", None)
+        self.__dict__.pop("get", None)
 
     def join_thread(self) -> None:
         """Do nothing: there is no feeder thread, every ``put`` is already done."""
@@ -259,6 +269,7 @@ def _rebuild(cls: type[Queue], block: _shm.Block, maxsize: int) -> Queue:
     q = cls.__new__(cls)
     q._block, q._ring = block, Ring(block.buffer)
     q._maxsize, q._closed = maxsize, False
+    q._bind_fast_paths()
     return q
 
 

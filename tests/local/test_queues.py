@@ -324,3 +324,22 @@ def test_queue_reaches_children_under_every_start_method(ctx: Any) -> None:
     p.join(30)
     assert p.exitcode == 0
     assert kind == "got" and np.array_equal(arr, np.arange(5))
+
+
+def _work_and_mark_done(q: JoinableQueue, n: int) -> None:
+    for _ in range(n):
+        q.get(timeout=30)
+        q.task_done()
+
+
+def test_joinable_queue_join_across_processes(ctx: Any) -> None:
+    q = ctx.JoinableQueue()
+    workers = [ctx.Process(target=_work_and_mark_done, args=(q, 50)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    q.put_many(range(100))
+    q.join(timeout=60)
+    assert q.statistics().unfinished == 0
+    for w in workers:
+        w.join(30)
+    assert [w.exitcode for w in workers] == [0, 0]

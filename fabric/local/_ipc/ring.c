@@ -188,6 +188,7 @@ typedef struct {
     uint8_t *data;
     uint64_t cap, mask, secret;
     uint32_t spin_ns; /* adaptive spin budget before sleeping */
+    uint32_t sends;   /* pipe sends since the last liveness check */
     PyObject *dumps, *loads, *empty_exc, *full_exc;
 } Ring;
 
@@ -293,8 +294,9 @@ static void rescue_newest(Ring *r, uint64_t lo, uint64_t hi)
 }
 
 /* If the newest reservation is unstamped: RC_PREV while its owner lives (it
- * is a few instructions from stamping), else rescue it and return RC_OK. */
-static int check_newest(Ring *r, uint64_t lo, uint64_t hi)
+ * is a few instructions from stamping), else rescue it. Without `live` the
+ * owner is assumed alive (no system call: the common, fast case). */
+static int check_newest(Ring *r, uint64_t lo, uint64_t hi, int live)
 {
     uint32_t size = HI_SIZE(hi);
     if (size == 0)
@@ -302,7 +304,7 @@ static int check_newest(Ring *r, uint64_t lo, uint64_t hi)
     uint64_t pos = lo - size;
     if (atomic_load_explicit(&rec_at(r, pos)->seq, memory_order_acquire) == stamp(r, pos))
         return RC_OK;
-    if (pid_alive(HI_PID(hi)))
+    if (!live || pid_alive(HI_PID(hi)))
         return RC_PREV;
     rescue_newest(r, lo, hi);
     return RC_PREV; /* re-read the tail */
@@ -340,8 +342,8 @@ static int try_reserve(Ring *r, uint32_t info, int stream_owner, int stream_flag
     for (unsigned spins = 0;; spins++) {
         uint64_t lo, hi;
         tail_load(r, &lo, &hi);
-        if (check_newest(r, lo, hi) == RC_PREV) {
-            if (spins > 1000)
+        if (check_newest(r, lo, hi, spins >= 1000) == RC_PREV) {
+            if (spins >= 1000)
                 return RC_PREV; /* owner preempted: let the caller wait */
             cpu_relax();
             continue;
@@ -447,8 +449,9 @@ static int stream_alive(Ring *r, uint32_t writer)
 }
 
 /* Try to claim the record at rclaim. in_stream: the caller owns rstream and
- * wants the next fragment of its message. */
-static int try_claim(Ring *r, int in_stream, claim_t *c)
+ * wants the next fragment of its message. live: check whether the process
+ * holding us up is alive (system calls); otherwise assume it is. */
+static int try_claim(Ring *r, int in_stream, int live, claim_t *c)
 {
     for (;;) {
         uint64_t pos = atomic_load_explicit(&r->h->rclaim, memory_order_acquire);
@@ -459,7 +462,9 @@ static int try_claim(Ring *r, int in_stream, claim_t *c)
         rec_t *rec = rec_at(r, pos);
         if (atomic_load_explicit(&rec->seq, memory_order_acquire) != stamp(r, pos)) {
             /* only the newest reservation can be unstamped */
-            if (check_newest(r, lo, hi) == RC_PREV && pos == lo - HI_SIZE(hi) &&
+            if (!live)
+                return RC_BUSY;
+            if (check_newest(r, lo, hi, 1) == RC_PREV && pos == lo - HI_SIZE(hi) &&
                 pid_alive(HI_PID(hi)))
                 return RC_BUSY;
             continue;
@@ -469,7 +474,7 @@ static int try_claim(Ring *r, int in_stream, claim_t *c)
         uint64_t next = pos + rec_size(INFO_LEN(info));
         switch (ST_CODE(st)) {
         case S_WRITING:
-            if (pid_alive(ST_PID(st)))
+            if (!live || pid_alive(ST_PID(st)))
                 return RC_BUSY;
             abandon(r, rec, st, info);
             continue;
@@ -483,7 +488,7 @@ static int try_claim(Ring *r, int in_stream, claim_t *c)
         uint64_t mine = my_token(), rs = atomic_load_explicit(&r->h->rstream, memory_order_acquire);
         if (frag == F_MID || frag == F_LAST) {
             if (!in_stream || rs != mine) {
-                if (rs && rs != mine && pid_alive((uint32_t)(rs >> 32)))
+                if (rs && rs != mine && (!live || pid_alive((uint32_t)(rs >> 32))))
                     return RC_BUSY; /* another consumer's stream */
                 /* an orphan fragment: its reader died (or never was) */
                 if (abandon(r, rec, st, info))
@@ -493,7 +498,7 @@ static int try_claim(Ring *r, int in_stream, claim_t *c)
         } else if (in_stream) {
             return RC_EOF; /* a new message where our next fragment should be */
         } else if (frag == F_FIRST) {
-            if (rs && rs != mine && pid_alive((uint32_t)(rs >> 32)))
+            if (rs && rs != mine && (!live || pid_alive((uint32_t)(rs >> 32))))
                 return RC_BUSY;
             if (!atomic_compare_exchange_strong(&r->h->rstream, &rs, mine))
                 continue;
@@ -535,7 +540,9 @@ static void release(Ring *r, claim_t *c)
 #define SPIN_MAX_NS 100000u
 #define SLICE_S 0.05 /* liveness re-check period while blocked on a live peer */
 
-typedef int (*attempt_fn)(Ring *r, void *arg);
+/* slow: set once spinning is over, so checks that cost system calls
+ * (is the process holding us up alive?) run on every attempt */
+typedef int (*attempt_fn)(Ring *r, void *arg, int slow);
 
 /* Call attempt until it returns something other than `again` codes, with
  * GIL released: spin adaptively, then sleep on seq. Returns the last code,
@@ -551,7 +558,7 @@ static int wait_for(Ring *r, attempt_fn attempt, void *arg, unsigned again, _Ato
     double spin_end = fx_now() + r->spin_ns * 1e-9;
     unsigned i = 0;
     for (;;) {
-        rc = attempt(r, arg);
+        rc = attempt(r, arg, 0);
         if (!((1u << rc) & again))
             break;
         if ((++i & 31) == 0 && fx_now() >= spin_end)
@@ -577,7 +584,7 @@ static int wait_for(Ring *r, attempt_fn attempt, void *arg, unsigned again, _Ato
         if (sl > 0 && (left < 0 || left > sl))
             left = sl;
         uint32_t s = announce_sleeper(seq);
-        rc = attempt(r, arg);
+        rc = attempt(r, arg, 1);
         if ((1u << rc) & again) {
             int w = fx_wait(seq, s, left);
             if (w == -EINTR) {
@@ -590,7 +597,7 @@ static int wait_for(Ring *r, attempt_fn attempt, void *arg, unsigned again, _Ato
                 }
                 continue;
             }
-            rc = attempt(r, arg);
+            rc = attempt(r, arg, 1);
         }
     }
     Py_END_ALLOW_THREADS
@@ -635,7 +642,7 @@ typedef struct {
     uint64_t pos;
 } put_arg;
 
-static int attempt_put(Ring *r, void *a)
+static int attempt_put(Ring *r, void *a, int slow)
 {
     put_arg *p = a;
     if (p->need_slot && !p->have_slot) {
@@ -651,7 +658,7 @@ static int attempt_put(Ring *r, void *a)
         p->have_slot = 0;
     }
     /* the slow checks (system calls) only every so often */
-    if ((++p->tries & 63) == 0) {
+    if ((++p->tries & 63) == 0 || slow) {
         if (rc == RC_SPACE)
             advance_head(r, 1);
         else if (rc == RC_STREAM) {
@@ -670,7 +677,7 @@ static int attempt_put(Ring *r, void *a)
  * blocking code (timeout) or -1 (Python error). */
 static int reserve(Ring *r, put_arg *p, double timeout)
 {
-    int rc = attempt_put(r, p);
+    int rc = attempt_put(r, p, 0);
     if (rc == RC_OK || timeout == 0)
         return rc;
     return wait_for(r, attempt_put, p, AGAIN_PUT, &r->h->space_seq, timeout, -1);
@@ -693,9 +700,10 @@ static void publish(Ring *r, uint64_t pos, uint32_t info, cursor_t *cur, int nog
 
 #define NOGIL_COPY (1u << 16)
 
-static int acquire_wstream(Ring *r, void *a)
+static int acquire_wstream(Ring *r, void *a, int slow)
 {
     (void)a;
+    (void)slow;
     uint64_t mine = my_token(), cur = 0;
     if (atomic_compare_exchange_strong(&r->h->wstream, &cur, mine))
         return RC_OK;
@@ -734,7 +742,7 @@ static int put_message(Ring *r, seg_t *segs, int nseg, size_t len, unsigned kind
     }
     /* streamed: FIRST carries the total length ahead of its data */
     double deadline = timeout < 0 ? -1 : fx_now() + timeout;
-    int rc = acquire_wstream(r, NULL);
+    int rc = acquire_wstream(r, NULL, 0);
     if (rc != RC_OK && timeout != 0)
         rc = wait_for(r, acquire_wstream, NULL, 1u << RC_STREAM, &r->h->space_seq,
                       timeout, SLICE_S);
@@ -789,12 +797,13 @@ typedef struct {
 
 static int peer_gone(Ring *r, int side);
 
-static int attempt_get(Ring *r, void *a)
+static int attempt_get(Ring *r, void *a, int slow)
 {
     get_arg *g = a;
-    int rc = try_claim(r, g->in_stream, &g->c);
-    if (rc == RC_EMPTY && g->check_peer && (++g->tries & 63) == 0 && peer_gone(r, g->side))
-        rc = try_claim(r, g->in_stream, &g->c) == RC_OK ? RC_OK : RC_EOF;
+    int live = slow || (++g->tries & 63) == 0;
+    int rc = try_claim(r, g->in_stream, live, &g->c);
+    if (rc == RC_EMPTY && g->check_peer && live && peer_gone(r, g->side))
+        rc = try_claim(r, g->in_stream, 1, &g->c) == RC_OK ? RC_OK : RC_EOF;
     return rc;
 }
 
@@ -803,13 +812,13 @@ static int attempt_get(Ring *r, void *a)
 
 static int claim(Ring *r, get_arg *g, double timeout)
 {
-    int rc = attempt_get(r, g);
+    int rc = attempt_get(r, g, 0);
     unsigned again = AGAIN_GET;
     if (rc == RC_OK || rc == RC_EOF)
         return rc;
     if (timeout == 0) {
         if (rc == RC_EMPTY && g->check_peer && peer_gone(r, g->side))
-            return try_claim(r, g->in_stream, &g->c) == RC_OK ? RC_OK : RC_EOF;
+            return try_claim(r, g->in_stream, 1, &g->c) == RC_OK ? RC_OK : RC_EOF;
         if (rc != RC_BUSY)
             return rc;
         /* A live writer is mid-copy ahead of us: wait for it (briefly) even
@@ -1110,6 +1119,22 @@ static PyObject *Ring_put_bytes(Ring *self, PyObject *args, PyObject *kw)
     return put_result(self, rc);
 }
 
+/* Whether obj is a scalar of a builtin type, or (depth > 0) a short tuple
+ * of them: such objects never yield out-of-band pickle buffers. */
+static int plain(PyObject *obj, int depth)
+{
+    if (obj == Py_None || PyLong_CheckExact(obj) || PyFloat_CheckExact(obj) || PyUnicode_CheckExact(obj) ||
+        PyBool_Check(obj) || PyBytes_CheckExact(obj))
+        return 1;
+    if (depth > 0 && PyTuple_CheckExact(obj) && PyTuple_GET_SIZE(obj) <= 16) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(obj); i++)
+            if (!plain(PyTuple_GET_ITEM(obj, i), depth - 1))
+                return 0;
+        return 1;
+    }
+    return 0;
+}
+
 /* put(obj, block=True, timeout=None): pickle obj (protocol 5, out-of-band
  * buffers copied straight into the ring) and put it; bytes go raw. */
 static PyObject *Ring_put(Ring *self, PyObject *args, PyObject *kw)
@@ -1125,6 +1150,20 @@ static PyObject *Ring_put(Ring *self, PyObject *args, PyObject *kw)
     if (PyBytes_CheckExact(obj)) {
         seg_t seg = {(const uint8_t *)PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj)};
         return put_result(self, put_message(self, &seg, 1, seg.len, K_RAW, t));
+    }
+    if (plain(obj, 1)) {
+        /* nothing here can produce an out-of-band buffer: skip the callback */
+        PyObject *proto = PyLong_FromLong(5);
+        PyObject *cargs[3] = {NULL, obj, proto};
+        PyObject *data = proto ? PyObject_Vectorcall(self->dumps, cargs + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+                               : NULL;
+        Py_XDECREF(proto);
+        if (data == NULL)
+            return NULL;
+        seg_t seg = {(const uint8_t *)PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data)};
+        PyObject *result = put_result(self, put_message(self, &seg, 1, seg.len, K_PICKLE, t));
+        Py_DECREF(data);
+        return result;
     }
     PyObject *bufs = PyList_New(0);
     if (bufs == NULL)
@@ -1339,8 +1378,9 @@ typedef struct {
 } peek_arg;
 
 /* RC_OK when a ready message waits at rclaim (claims nothing). */
-static int attempt_peek(Ring *r, void *a)
+static int attempt_peek(Ring *r, void *a, int slow)
 {
+    (void)slow;
     peek_arg *p = a;
     for (;;) {
         uint64_t pos = atomic_load_explicit(&r->h->rclaim, memory_order_acquire);
@@ -1379,7 +1419,7 @@ static PyObject *Ring_poll(Ring *self, PyObject *args)
     if (timeout != NULL && err)
         return NULL;
     peek_arg p = {side >= 0, side & 1, 0};
-    int rc = attempt_peek(self, &p);
+    int rc = attempt_peek(self, &p, 0);
     if (rc != RC_OK && rc != RC_EOF && t != 0) {
         p.tries = 0;
         rc = wait_for(self, attempt_peek, &p, AGAIN_GET, &self->h->data_seq, t,
@@ -1410,9 +1450,10 @@ static PyObject *Ring_task_done(Ring *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-static int attempt_join(Ring *r, void *a)
+static int attempt_join(Ring *r, void *a, int slow)
 {
     (void)a;
+    (void)slow;
     return atomic_load_explicit(&r->h->unfinished, memory_order_acquire) <= 0 ? RC_OK : RC_BUSY;
 }
 
@@ -1426,7 +1467,7 @@ static PyObject *Ring_join(Ring *self, PyObject *args)
     double t = parse_timeout(1, timeout, &err);
     if (err)
         return NULL;
-    int rc = attempt_join(self, NULL);
+    int rc = attempt_join(self, NULL, 0);
     if (rc != RC_OK && t != 0)
         rc = wait_for(self, attempt_join, NULL, 1u << RC_BUSY, &self->h->join_seq,
                       t, 1.0);
@@ -1494,21 +1535,67 @@ static PyObject *Ring_peer_gone(Ring *self, PyObject *args)
     return PyBool_FromLong(peer_gone(self, side & 1));
 }
 
-/* send-side check for a pipe: BrokenPipeError when every reader is gone */
-static PyObject *Ring_send(Ring *self, PyObject *args)
+/* Whether no process is registered on a side at all (no system call). */
+static int side_empty(Ring *r, int side)
 {
-    PyObject *obj;
-    int raw;
-    if (!PyArg_ParseTuple(args, "Op:send", &obj, &raw))
+    if (atomic_load_explicit(&r->h->pending[side], memory_order_acquire))
+        return 0;
+    for (int i = 0; i < SLOTS; i++)
+        if (atomic_load_explicit(&r->h->slots[side][i], memory_order_acquire))
+            return 0;
+    return 1;
+}
+
+#define PEER_CHECK_EVERY 1024
+
+/* Pipe send: BrokenPipeError when every reader is gone. An explicit close
+ * is seen at once; a reader's death (a system call per holder to detect) is
+ * checked every PEER_CHECK_EVERY sends and before blocking on a full ring. */
+static PyObject *Ring_send(Ring *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "send(obj, raw) takes 2 arguments");
         return NULL;
-    if (peer_gone(self, 0)) {
+    }
+    int raw = PyObject_IsTrue(args[1]);
+    if (raw < 0)
+        return NULL;
+    int gone = side_empty(self, 0);
+    if (!gone && ++self->sends % PEER_CHECK_EVERY == 0)
+        gone = peer_gone(self, 0);
+    if (gone) {
         PyErr_SetString(PyExc_BrokenPipeError, "the other end of the pipe is closed");
         return NULL;
     }
-    PyObject *a = PyTuple_Pack(1, obj);
+    int rc;
+    if (raw) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0)
+            return NULL;
+        seg_t seg = {b.buf, (size_t)b.len};
+        rc = put_message(self, &seg, 1, (size_t)b.len, K_RAW, 0);
+        /* full: wait in slices, watching the reader (a streamed message
+         * cannot be retried piecewise, so it just waits) */
+        while (rc != RC_OK && rc != -1) {
+            if (peer_gone(self, 0))
+                rc = RC_EOF;
+            else
+                rc = put_message(self, &seg, 1, (size_t)b.len, K_RAW,
+                                 (size_t)b.len <= self->h->max_frag ? SLICE_S : -1);
+            if (rc == RC_EOF)
+                break;
+        }
+        PyBuffer_Release(&b);
+        if (rc == RC_EOF) {
+            PyErr_SetString(PyExc_BrokenPipeError, "the other end of the pipe is closed");
+            return NULL;
+        }
+        return put_result(self, rc);
+    }
+    PyObject *a = PyTuple_Pack(1, args[0]);
     if (a == NULL)
         return NULL;
-    PyObject *res = raw ? Ring_put_bytes(self, a, NULL) : Ring_put(self, a, NULL);
+    PyObject *res = Ring_put(self, a, NULL);
     Py_DECREF(a);
     return res;
 }
@@ -1526,7 +1613,8 @@ static PyMethodDef Ring_methods[] = {
      "Put a bytes-like object as a raw message."},
     {"get", (PyCFunction)(void (*)(void))Ring_get, METH_VARARGS | METH_KEYWORDS, "Remove and return a message."},
     {"recv", (PyCFunction)Ring_recv, METH_VARARGS, "Pipe receive; EOFError when the writers are gone."},
-    {"send", (PyCFunction)Ring_send, METH_VARARGS, "Pipe send; BrokenPipeError when the readers are gone."},
+    {"send", (PyCFunction)(void (*)(void))Ring_send, METH_FASTCALL,
+     "Pipe send; BrokenPipeError when the readers are gone."},
     {"poll", (PyCFunction)Ring_poll, METH_VARARGS, "Whether a message is ready, waiting up to timeout."},
     {"qsize", (PyCFunction)Ring_qsize, METH_NOARGS, "Number of messages in the ring."},
     {"task_done", (PyCFunction)Ring_task_done, METH_NOARGS, "Mark one task done."},
@@ -1592,7 +1680,7 @@ static PyObject *wait_any(PyObject *Py_UNUSED(mod), PyObject *args)
     }
     for (Py_ssize_t i = 0; i < n && !ready; i++) {
         peek_arg p = {0, 0, 0};
-        ready = attempt_peek(objs[i], &p) == RC_OK;
+        ready = attempt_peek(objs[i], &p, 0) == RC_OK;
     }
     if (!ready) {
         struct timespec ts, *tsp = NULL;
