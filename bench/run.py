@@ -19,6 +19,7 @@ import platform
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -95,18 +96,29 @@ def main(argv: list[str] | None = None) -> int:
     from bench._plots import draw
 
     out = [_header(argv)]
+    failed: list[str] = []
+    drawn: set[Path] = set()
     started = time.monotonic()
     for family in args.family or families():
         module = importlib.import_module(f"bench.bench_{family}")
         out.append(f"\n## {family}\n\n{_method(module.__doc__ or '')}\n")
         family_start = time.monotonic()
-        for item in module.run(args.repeats):
+        try:
+            items = module.run(args.repeats)
+        except Exception as exc:
+            # the other families still run; the page and the exit status say this one failed
+            traceback.print_exc()
+            out.append(f"**This family failed in this run:** `{type(exc).__name__}: {exc}`\n")
+            failed.append(family)
+            continue
+        for item in items:
             if isinstance(item, Table):
                 text = item.markdown()
                 print(text, flush=True)
             elif args.markdown:
                 outdir = args.markdown.parent / args.markdown.stem
                 path = draw(item, outdir)
+                drawn.add(path)
                 text = f"![{item.title}]({outdir.name}/{path.name})\n"
                 print(f"plot: {path}", flush=True)
             else:
@@ -117,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     out.append(f"\n---\n\nThe whole run took {(time.monotonic() - started) / 60:.1f} minutes.\n")
     if args.markdown:
         args.markdown.write_text("\n".join(out))
-    return 0
+        for stale in (args.markdown.parent / args.markdown.stem).glob("*.png"):
+            if stale not in drawn:  # a figure this run no longer draws
+                stale.unlink()
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
