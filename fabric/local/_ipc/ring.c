@@ -68,6 +68,7 @@
 #include <stddef.h>
 #include <sys/random.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <string.h>
 #include "futex.h"
@@ -189,6 +190,7 @@ typedef struct {
     uint64_t cap, mask, secret;
     uint32_t spin_ns; /* adaptive spin budget before sleeping */
     uint32_t sends;   /* pipe sends since the last liveness check */
+    uint32_t waits;   /* blocking waits, to probe the spin budget now and then */
     PyObject *dumps, *loads, *empty_exc, *full_exc;
 } Ring;
 
@@ -554,22 +556,31 @@ static int wait_for(Ring *r, attempt_fn attempt, void *arg, unsigned again, _Ato
     double deadline = timeout < 0 ? -1 : fx_now() + timeout;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    /* spin */
-    double spin_end = fx_now() + r->spin_ns * 1e-9;
+    /* spin: the budget adapts (doubling on success, halving on failure,
+     * down to no spin at all); every 16th wait probes with the full budget
+     * so a machine that got less busy is noticed */
+    uint32_t budget = (++r->waits & 15) == 0 ? SPIN_MAX_NS : r->spin_ns;
+    double spin_end = fx_now() + budget * 1e-9;
     unsigned i = 0;
     for (;;) {
         rc = attempt(r, arg, 0);
-        if (!((1u << rc) & again))
+        if (!((1u << rc) & again) || budget == 0)
             break;
-        if ((++i & 31) == 0 && fx_now() >= spin_end)
-            break;
+        if ((++i & 31) == 0) {
+            if (fx_now() >= spin_end)
+                break;
+            /* On a busy machine the peer may share our CPU: spinning would
+             * only delay it, so past the first few microseconds hand the CPU
+             * over now and then (cheap when nobody else wants it). */
+            if (i >= 1024)
+                sched_yield();
+        }
         cpu_relax();
     }
     if (!((1u << rc) & again)) {
-        if (r->spin_ns < SPIN_MAX_NS)
-            r->spin_ns *= 2;
-    } else if (r->spin_ns > SPIN_MIN_NS) {
-        r->spin_ns /= 2;
+        r->spin_ns = r->spin_ns < SPIN_MIN_NS ? SPIN_MIN_NS : (r->spin_ns < SPIN_MAX_NS ? r->spin_ns * 2 : SPIN_MAX_NS);
+    } else {
+        r->spin_ns = r->spin_ns > SPIN_MIN_NS ? r->spin_ns / 2 : 0;
     }
     /* sleep */
     while ((1u << rc) & again) {
