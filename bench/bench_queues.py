@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fabric.local
@@ -203,6 +204,14 @@ def _consume(t: Transport, state: Any, i: int, n: int, ready: Any, go: Any, done
     done.put(got)
 
 
+def _unlink_ipc(state: Any) -> None:
+    """Remove zmq's ipc:// socket files: the binding child leaves through os._exit."""
+    if isinstance(state, list):
+        for address in state:
+            if isinstance(address, str) and address.startswith("ipc://"):
+                Path(address.removeprefix("ipc://")).unlink(missing_ok=True)
+
+
 def _throughput(t: Transport, procs: int, msg: Any, count: int) -> float:
     """Messages per second from ``procs`` producers to ``procs`` consumers."""
     state = t.make(procs)
@@ -235,6 +244,7 @@ def _throughput(t: Transport, procs: int, msg: Any, count: int) -> float:
     end.set()
     for c in children:
         c.join()
+    _unlink_ipc(state)
     if got != per * procs:
         raise RuntimeError(f"lost messages: {got} of {per * procs}")
     return got / elapsed
