@@ -916,25 +916,46 @@ sem_release_n(SharedObject *self, long long n)
     Py_RETURN_NONE;
 }
 
+/* Parse the optional count argument `n` (positional or keyword) of
+ * release(n=1) and notify(n=1) into *n. With `saturate`, an int too large for
+ * a long long becomes LLONG_MAX (or 0 when too negative) instead of raising
+ * OverflowError. Return 0, or -1 with an exception set. */
+static int
+parse_count(const char *method, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+            int saturate, long long *n)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    *n = 1;
+    if (nargs + nkw > 1) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most 1 argument", method);
+        return -1;
+    }
+    if (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "n") != 0) {
+        PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", method,
+                     PyTuple_GET_ITEM(kwnames, 0));
+        return -1;
+    }
+    if (nargs + nkw == 0)
+        return 0;
+    if (!saturate) {
+        *n = PyLong_AsLongLong(args[0]);
+        return (*n == -1 && PyErr_Occurred()) ? -1 : 0;
+    }
+    int overflow;
+    *n = PyLong_AsLongLongAndOverflow(args[0], &overflow);
+    if (*n == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow)
+        *n = overflow > 0 ? LLONG_MAX : 0;
+    return 0;
+}
+
 static PyObject *
 sem_release(SharedObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    long long n = 1;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs + nkw > 1) {
-        PyErr_SetString(PyExc_TypeError, "release() takes at most 1 argument");
+    long long n;
+    if (parse_count("release", args, nargs, kwnames, 0, &n) < 0)
         return NULL;
-    }
-    if (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "n") != 0) {
-        PyErr_Format(PyExc_TypeError, "release() got an unexpected keyword argument '%U'",
-                     PyTuple_GET_ITEM(kwnames, 0));
-        return NULL;
-    }
-    if (nargs + nkw == 1) {
-        n = PyLong_AsLongLong(args[0]);
-        if (n == -1 && PyErr_Occurred())
-            return NULL;
-    }
     return sem_release_n(self, n);
 }
 
@@ -1322,25 +1343,9 @@ cond_notify_n(CondObject *self, long long n)
 static PyObject *
 cond_notify(CondObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    long long n = 1;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs + nkw > 1) {
-        PyErr_SetString(PyExc_TypeError, "notify() takes at most 1 argument");
+    long long n;
+    if (parse_count("notify", args, nargs, kwnames, 1, &n) < 0)
         return NULL;
-    }
-    if (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "n") != 0) {
-        PyErr_Format(PyExc_TypeError, "notify() got an unexpected keyword argument '%U'",
-                     PyTuple_GET_ITEM(kwnames, 0));
-        return NULL;
-    }
-    if (nargs + nkw == 1) {
-        int overflow;
-        n = PyLong_AsLongLongAndOverflow(args[0], &overflow);
-        if (n == -1 && PyErr_Occurred())
-            return NULL;
-        if (overflow)
-            n = overflow > 0 ? LLONG_MAX : 0;
-    }
     return cond_notify_n(self, n);
 }
 
