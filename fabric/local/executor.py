@@ -20,6 +20,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, ParamSpec, TypeVar
 
 from fabric.local import _pool_wire as wire
+from fabric.local._future import LazyFuture
 from fabric.local._pool_engine import Engine
 from fabric.local._pool_task import DEFAULT_RETRIES, Statistics, Task
 from fabric.local.pool import _start_method, default_processes
@@ -100,7 +101,7 @@ class Executor(_Executor):
         """Schedule ``fn(*args, **kwargs)`` and return its Future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        future: Future[R] = Future()
+        future: Future[R] = LazyFuture()
         self._engine.submit(_FutureTask(fn, wire.CALL, args, kwargs, future))
         return future
 
@@ -124,7 +125,7 @@ class Executor(_Executor):
         futures: list[Future[list[R]]] = []
         tasks = []
         while chunk := list(itertools.islice(argtuples, chunksize)):
-            future: Future[list[R]] = Future()
+            future: Future[list[R]] = LazyFuture()
             futures.append(future)
             tasks.append(_FutureTask(fn, wire.STAR, chunk, None, future))
         self._engine.submit_many(tasks)
