@@ -40,15 +40,17 @@ _lock = threading.Lock()
 
 
 class LazyFuture(Future[T]):
-    """A Future whose Condition is created by the first thread that needs one."""
+    """A Future whose Condition (and lists) are created by the first thread that needs one."""
+
+    # Class-level defaults: a future nobody waits on stores only its state and outcome.
+    _cond: threading.Condition | None = None
+    _waiter_list: list[Any] | None = None
+    _callback_list: list[Callable[[Future[T]], object]] | None = None
+    _result: Any = None
+    _exception: BaseException | None = None
 
     def __init__(self) -> None:  # Future.__init__ would build the Condition
-        self._cond: threading.Condition | None = None
         self._state = PENDING
-        self._result: Any = None
-        self._exception: BaseException | None = None
-        self._waiters = []
-        self._done_callbacks: list[Callable[[Future[T]], object]] = []
 
     @property
     def _condition(self) -> threading.Condition:
@@ -63,6 +65,32 @@ class LazyFuture(Future[T]):
     @_condition.setter
     def _condition(self, cond: threading.Condition) -> None:
         self._cond = cond
+
+    # The base class and wait()/as_completed() touch these lists only while
+    # holding the Condition; the fast paths below only while none exists.
+    @property
+    def _waiters(self) -> list[Any]:
+        if self._waiter_list is None:
+            self._waiter_list = []
+        return self._waiter_list
+
+    @_waiters.setter
+    def _waiters(self, waiters: list[Any]) -> None:
+        self._waiter_list = waiters
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[T]], object]]:
+        if self._callback_list is None:
+            self._callback_list = []
+        return self._callback_list
+
+    @_done_callbacks.setter
+    def _done_callbacks(self, callbacks: list[Callable[[Future[T]], object]]) -> None:
+        self._callback_list = callbacks
+
+    def _invoke_callbacks(self) -> None:
+        if self._callback_list:
+            super()._invoke_callbacks()  # type: ignore[misc]
 
     def done(self) -> bool:
         return self._state in _DONE
@@ -107,5 +135,5 @@ class LazyFuture(Future[T]):
         if state in _DONE:  # (repr takes the lock, so not raised inside it)
             raise InvalidStateError(f"{state}: {self!r}")
         # No waiter can exist without the Condition, so only the callbacks remain.
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
         return True

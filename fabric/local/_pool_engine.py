@@ -125,7 +125,7 @@ class Engine:
             self._refuse()
         self._pending.append(task)
         if self._sleeping:
-            self._wake()
+            self._ring()
 
     def submit_many(self, tasks: Sequence[Task]) -> None:
         """Queue tasks; raise if the pool no longer accepts work."""
@@ -133,7 +133,7 @@ class Engine:
             self._refuse()
         self._pending.extend(tasks)
         if self._sleeping:
-            self._wake()
+            self._ring()
 
     def _refuse(self) -> None:
         if self._state == _FORKED:
@@ -200,6 +200,12 @@ class Engine:
             workers_lost=self._lost,
             retries=self._retried,
         )
+
+    def _ring(self) -> None:
+        # Cleared here, not only when the loop wakes: until the loop gets the GIL
+        # back, a burst of submissions would each write the eventfd again.
+        self._sleeping = False
+        self._wake()
 
     def _wake(self) -> None:
         with self._wake_lock:  # never write to the fd number once the loop closed it
@@ -302,9 +308,7 @@ class Engine:
                     fn_index = index[id(task.fn)] = len(blobs)
                     blobs.append(self._pickler.function(task.fn))
                 if task.payload is None:
-                    task.payload = self._pickler.dumps(
-                        (task.args, task.kwargs) if task.kind == wire.CALL else task.args
-                    )
+                    task.payload = self._payload(task)
             except Exception as exc:
                 self._finish(task, False, exc, 0.0)
                 continue
@@ -317,6 +321,14 @@ class Engine:
             worker.retiring = True
         worker.outbuf += wire.encode(wire.TASKS, (blobs, items))
         self._flush(worker)
+
+    def _payload(self, task: Task) -> bytes | tuple[Any, ...]:
+        if task.kind != wire.CALL:
+            return self._pickler.dumps(task.args)
+        args: tuple[Any, ...] = task.args
+        if not task.kwargs and wire.plain(args):
+            return args  # sent as it is, inside the batch's pickle
+        return self._pickler.dumps((task.args, task.kwargs))
 
     def _flush(self, worker: WorkerHandle) -> None:
         try:
@@ -378,24 +390,26 @@ class Engine:
         if kind == wire.DONE:
             total = 0.0
             inflight, loads = worker.inflight, pickle.loads
-            for task_id, ok, blob, seconds in body:
+            for task_id, how, data, seconds in body:
                 total += seconds
                 task = inflight.pop(task_id, None)
                 if task is None:
                     continue
-                if ok:  # the hot path, inlined: one loads, one deliver
+                if how == wire.RAISED:
+                    self._finish(task, False, restore(data), seconds)
+                    continue
+                if how == wire.PICKLED:
                     try:
-                        value = loads(blob)
+                        data = loads(data)
                     except Exception as exc:
                         self._finish(task, False, self._unpicklable(task, exc), seconds)
                         continue
-                    self._done += 1
-                    try:
-                        task.deliver(True, value, seconds)
-                    except Exception:
-                        log.exception("delivering the result of %s failed", task.describe())
-                else:
-                    self._finish(task, False, restore(blob), seconds)
+                self._done += 1  # the hot path, inlined: one deliver
+                try:
+                    task.deliver(True, data, seconds)
+                except Exception:
+                    log.exception("delivering the result of %s failed", task.describe())
+                task.args = task.kwargs = task.payload = None  # the caller may keep the task
             per_task = total / len(body)
             if self._task_time:
                 per_task = self._task_time + _EWMA * (per_task - self._task_time)
@@ -420,6 +434,7 @@ class Engine:
             task.deliver(ok, value, seconds)
         except Exception:
             log.exception("delivering the result of %s failed", task.describe())
+        task.args = task.kwargs = task.payload = None
 
     # -- worker life -----------------------------------------------------------
 

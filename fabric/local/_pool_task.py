@@ -40,7 +40,7 @@ class Task:
         self.kind = kind
         self.args = args
         self.kwargs = kwargs
-        self.payload: bytes | None = None  # set when first sent; kept for a retry
+        self.payload: bytes | tuple[Any, ...] | None = None  # set when first sent; kept for a retry
         self.attempts = 0  # workers this task took down
 
     def claim(self) -> bool:

@@ -2,9 +2,10 @@
 
 Each frame is an 8-byte little-endian length and a pickle of ``(kind, body)``.
 The parent sends CONFIG once, then TASKS batches, then STOP; the worker answers
-READY (or INIT_ERROR) and then DONE batches. Task and result bodies are pickled
-one by one inside the batch so that one object that fails to pickle or
-unpickle costs its own task, never the batch.
+READY (or INIT_ERROR) and then DONE batches. Task arguments and results are
+pickled one by one inside the batch so that one object that fails to pickle or
+unpickle costs its own task, never the batch; only PLAIN values (which cannot
+fail) skip their own pickle and travel in the batch's.
 """
 
 from __future__ import annotations
@@ -22,13 +23,18 @@ __all__ = [
     "DONE",
     "HEADER",
     "INIT_ERROR",
+    "INLINE",
     "MAP",
+    "PICKLED",
+    "PLAIN",
+    "RAISED",
     "READY",
     "STAR",
     "STOP",
     "TASKS",
     "Pickler",
     "encode",
+    "plain",
     "read_frame",
     "write_all",
 ]
@@ -41,6 +47,18 @@ CONFIG, TASKS, STOP = "C", "T", "S"
 READY, INIT_ERROR, DONE = "R", "I", "D"
 # How a task's payload is applied to its function.
 CALL, MAP, STAR = 0, 1, 2
+# How a DONE entry carries its outcome: a packed exception, a pickle of its
+# own, or the value itself inside the batch's pickle.
+RAISED, PICKLED, INLINE = 0, 1, 2
+# Values of exactly these types cannot fail to pickle or unpickle, so they ride
+# inside the batch's pickle: no pickle of their own, and still never able to
+# cost another task of the batch its result.
+PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
+
+
+def plain(values: tuple[Any, ...]) -> bool:
+    """Return whether every value is of a PLAIN type."""
+    return all(map(PLAIN.__contains__, map(type, values)))
 
 
 def encode(kind: str, body: Any) -> bytes:

@@ -84,7 +84,7 @@ class _Runner:
         self.offset = index * SLOT_STRIDE
         self.left = maxtasks
         self.fns: dict[bytes, Callable[..., Any]] = {}
-        self.results: list[tuple[int, bool, bytes, float]] = []
+        self.results: list[tuple[int, int, Any, float]] = []
 
     def function(self, blob: bytes) -> Callable[..., Any]:
         fn = self.fns.get(blob)
@@ -94,16 +94,16 @@ class _Runner:
             fn = self.fns[blob] = pickle.loads(blob)
         return fn
 
-    def run_batch(self, blobs: list[bytes], tasks: list[tuple[int, int, int, bytes]]) -> bool:
+    def run_batch(self, blobs: list[bytes], tasks: list[tuple[int, int, int, Any]]) -> bool:
         """Run a batch; return False once ``maxtasksperchild`` is used up."""
         last_flush = time.perf_counter()
         for task_id, fn_index, kind, payload in tasks:
             SLOT.pack_into(self.slots, self.offset, task_id)
             start = time.perf_counter()
-            ok, blob = self._run_one(blobs[fn_index], kind, payload)
+            how, data = self._run_one(blobs[fn_index], kind, payload)
             SLOT.pack_into(self.slots, self.offset, 0)
             now = time.perf_counter()
-            self.results.append((task_id, ok, blob, now - start))
+            self.results.append((task_id, how, data, now - start))
             if now - last_flush >= _FLUSH_AFTER_S:
                 self.flush()
                 last_flush = now
@@ -114,27 +114,32 @@ class _Runner:
         self.flush()
         return self.left is None or self.left > 0
 
-    def _run_one(self, blob: bytes, kind: int, payload: bytes) -> tuple[bool, bytes]:
+    def _run_one(self, blob: bytes, kind: int, payload: Any) -> tuple[int, Any]:
         try:
             fn = self.function(blob)
             if kind == wire.CALL:
-                args, kwargs = pickle.loads(payload)
-                value: Any = fn(*args, **kwargs)
+                if type(payload) is tuple:  # plain arguments, sent as they are
+                    value: Any = fn(*payload)
+                else:
+                    args, kwargs = pickle.loads(payload)
+                    value = fn(*args, **kwargs)
             elif kind == wire.MAP:
                 value = [fn(x) for x in pickle.loads(payload)]
             else:
                 value = [fn(*x) for x in pickle.loads(payload)]
         except BaseException as exc:  # a task may raise anything, SystemExit included
-            return False, pack_exception(exc)
+            return wire.RAISED, pack_exception(exc)
+        if type(value) in wire.PLAIN:
+            return wire.INLINE, value
         try:
-            return True, pickle.dumps(value, 5)
+            return wire.PICKLED, pickle.dumps(value, 5)
         except Exception:
             try:
                 import cloudpickle
 
-                return True, cloudpickle.dumps(value, 5)
+                return wire.PICKLED, cloudpickle.dumps(value, 5)
             except Exception as exc:
-                return False, pack_exception(exc)
+                return wire.RAISED, pack_exception(exc)
 
     def flush(self) -> None:
         if self.results:

@@ -116,17 +116,24 @@ class AsyncResult(Generic[T]):
 _event_lock = threading.Lock()
 
 
-class CallTask(Task):
-    """A task whose outcome goes to an AsyncResult."""
+class CallTask(AsyncResult[T], Task):
+    """The result of one ``apply_async``, which is also the task the engine runs."""
 
-    __slots__ = ("result",)
+    __slots__ = ()
 
-    def __init__(self, fn: Callable[..., Any], args: Any, kwargs: Any, result: AsyncResult[Any]):
-        super().__init__(fn, wire.CALL, args, kwargs)
-        self.result = result
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        callback: Callable[[T], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+    ) -> None:
+        AsyncResult.__init__(self, callback, error_callback)
+        Task.__init__(self, fn, wire.CALL, args, kwargs)
 
     def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        self.result._set(ok, value)
+        self._set(ok, value)
 
 
 class _ChunkTask(Task):

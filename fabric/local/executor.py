@@ -31,25 +31,25 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class _FutureTask(Task):
-    __slots__ = ("future",)
+class _FutureTask(LazyFuture[Any], Task):
+    """The Future handed to the caller is also the task the engine runs: one object, not two."""
 
-    def __init__(
-        self, fn: Callable[..., Any], kind: int, args: Any, kwargs: Any, future: Future[Any]
-    ) -> None:
-        super().__init__(fn, kind, args, kwargs)
-        self.future = future
+    __slots__ = ()
+
+    def __init__(self, fn: Callable[..., Any], kind: int, args: Any, kwargs: Any) -> None:
+        LazyFuture.__init__(self)
+        Task.__init__(self, fn, kind, args, kwargs)
 
     def claim(self) -> bool:
-        return self.future.set_running_or_notify_cancel()
+        return self.set_running_or_notify_cancel()
 
     def deliver(self, ok: bool, value: Any, seconds: float) -> None:
         # One state check, inside set_*: a cancelled future refuses the outcome.
         try:
             if ok:
-                self.future.set_result(value)
+                self.set_result(value)
             else:
-                self.future.set_exception(value)
+                self.set_exception(value)
         except InvalidStateError:
             pass
 
@@ -101,9 +101,9 @@ class Executor(_Executor):
         """Schedule ``fn(*args, **kwargs)`` and return its Future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        future: Future[R] = LazyFuture()
-        self._engine.submit(_FutureTask(fn, wire.CALL, args, kwargs, future))
-        return future
+        task = _FutureTask(fn, wire.CALL, args, kwargs)
+        self._engine.submit(task)
+        return task
 
     def map(
         self,
@@ -125,9 +125,9 @@ class Executor(_Executor):
         futures: list[Future[list[R]]] = []
         tasks = []
         while chunk := list(itertools.islice(argtuples, chunksize)):
-            future: Future[list[R]] = LazyFuture()
-            futures.append(future)
-            tasks.append(_FutureTask(fn, wire.STAR, chunk, None, future))
+            task = _FutureTask(fn, wire.STAR, chunk, None)
+            futures.append(task)
+            tasks.append(task)
         self._engine.submit_many(tasks)
         deadline = None if timeout is None else time.monotonic() + timeout  # from this call
         return _results(futures, deadline)
@@ -161,7 +161,7 @@ class Executor(_Executor):
 
 
 def _cancel(task: Task) -> bool:
-    return isinstance(task, _FutureTask) and task.future.cancel()
+    return isinstance(task, _FutureTask) and task.cancel()
 
 
 def _results(futures: list[Future[list[R]]], deadline: float | None) -> Iterator[R]:

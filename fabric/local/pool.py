@@ -128,9 +128,9 @@ class Pool:
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> AsyncResult[R]:
         """Start ``func(*args, **kwds)`` in a worker; callbacks run on the pool's thread."""
-        result: AsyncResult[R] = AsyncResult(callback, error_callback)
-        self._engine.submit(CallTask(func, tuple(args), dict(kwds or {}), result))
-        return result
+        task: CallTask[R] = CallTask(func, tuple(args), dict(kwds or {}), callback, error_callback)
+        self._engine.submit(task)
+        return task
 
     # -- maps ------------------------------------------------------------------
 

@@ -54,6 +54,10 @@ def square(x: int) -> int:
     return x * x
 
 
+def identity(value: object) -> object:
+    return value
+
+
 def add(a: int, b: int) -> int:
     return a + b
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import enum
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,6 +43,11 @@ def any_pool(request: pytest.FixtureRequest, gate: h.Gate) -> Iterator[Any]:
 def pool(gate: h.Gate) -> Iterator[Pool]:
     with Pool(2) as p:
         yield p
+
+
+class Kind(enum.IntEnum):
+    A = 1
+    B = 2
 
 
 # -- parity with multiprocessing.Pool ---------------------------------------------
@@ -146,6 +152,16 @@ def test_exception_that_does_not_unpickle_arrives_as_proxy(pool: Pool) -> None:
 def test_exception_that_does_not_pickle_arrives_as_proxy(pool: Pool) -> None:
     with pytest.raises(ExceptionProxy, match="LockError: holds a lock"):
         pool.apply(h.raise_lock_error)
+
+
+def test_values_keep_their_exact_type_both_ways(pool: Pool) -> None:
+    # Plain values skip their own pickle; anything else (an int subclass too) keeps it.
+    values = [0, 1.5, "é\ud800", b"\x00", True, None, Kind.B, (1, "a"), [2], {"k": 3}]
+    results = [pool.apply_async(h.identity, (v,)) for v in values]
+    got = [r.get(30) for r in results]
+    assert got == values
+    assert [type(v) for v in got] == [type(v) for v in values]
+    assert pool.apply(h.identity, (), {"value": Kind.A}) is Kind.A
 
 
 def test_unpicklable_result_and_argument_fail_only_their_task(pool: Pool) -> None:
