@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 import multiprocessing
 import os
-import enum
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
