@@ -322,13 +322,17 @@ class Engine:
         worker.outbuf += wire.encode(wire.TASKS, (blobs, items))
         self._flush(worker)
 
-    def _payload(self, task: Task) -> bytes | tuple[Any, ...]:
-        if task.kind != wire.CALL:
-            return self._pickler.dumps(task.args)
-        args: tuple[Any, ...] = task.args
-        if not task.kwargs and wire.plain(args):
-            return args  # sent as it is, inside the batch's pickle
-        return self._pickler.dumps((task.args, task.kwargs))
+    def _payload(self, task: Task) -> bytes | tuple[Any, ...] | list[Any]:
+        # Plain arguments (a CALL's tuple, a MAP chunk's list) are sent as they
+        # are, inside the batch's pickle; the worker tells them apart by type.
+        args = task.args
+        if task.kind == wire.CALL:
+            if not task.kwargs and wire.plain(args):
+                return tuple(args)
+            return self._pickler.dumps((args, task.kwargs))
+        if task.kind == wire.MAP and wire.plain(args):
+            return list(args)
+        return self._pickler.dumps(args)
 
     def _flush(self, worker: WorkerHandle) -> None:
         try:
@@ -390,6 +394,7 @@ class Engine:
         if kind == wire.DONE:
             total = 0.0
             inflight, loads = worker.inflight, pickle.loads
+            wakes: set[Callable[[], object]] = set()
             for task_id, how, data, seconds in body:
                 total += seconds
                 task = inflight.pop(task_id, None)
@@ -406,10 +411,14 @@ class Engine:
                         continue
                 self._done += 1  # the hot path, inlined: one deliver
                 try:
-                    task.deliver(True, data, seconds)
+                    wake = task.deliver(True, data, seconds)
+                    if wake is not None:
+                        wakes.add(wake)
                 except Exception:
                     log.exception("delivering the result of %s failed", task.describe())
                 task.args = task.kwargs = task.payload = None  # the caller may keep the task
+            for wake in wakes:
+                self._call(wake)
             per_task = total / len(body)
             if self._task_time:
                 per_task = self._task_time + _EWMA * (per_task - self._task_time)
@@ -431,10 +440,20 @@ class Engine:
         else:
             self._failed += 1
         try:
-            task.deliver(ok, value, seconds)
+            wake = task.deliver(ok, value, seconds)
         except Exception:
             log.exception("delivering the result of %s failed", task.describe())
+        else:
+            if wake is not None:
+                self._call(wake)
         task.args = task.kwargs = task.payload = None
+
+    @staticmethod
+    def _call(wake: Callable[[], object]) -> None:
+        try:
+            wake()
+        except Exception:
+            log.exception("waking the consumer of a result failed")
 
     # -- worker life -----------------------------------------------------------
 

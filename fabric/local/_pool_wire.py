@@ -14,7 +14,7 @@ import os
 import pickle
 import struct
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
 __all__ = [
@@ -56,9 +56,12 @@ RAISED, PICKLED, INLINE = 0, 1, 2
 PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
 
 
-def plain(values: tuple[Any, ...]) -> bool:
+def plain(values: Iterable[Any]) -> bool:
     """Return whether every value is of a PLAIN type."""
-    return all(map(PLAIN.__contains__, map(type, values)))
+    for value in values:  # noqa: SIM110 (a loop: three times faster than all() on one value)
+        if type(value) not in PLAIN:
+            return False
+    return True
 
 
 def encode(kind: str, body: Any) -> bytes:

@@ -124,12 +124,13 @@ class _Runner:
                     args, kwargs = pickle.loads(payload)
                     value = fn(*args, **kwargs)
             elif kind == wire.MAP:
-                value = [fn(x) for x in pickle.loads(payload)]
+                items = payload if type(payload) is list else pickle.loads(payload)
+                value = [fn(x) for x in items]
             else:
                 value = [fn(*x) for x in pickle.loads(payload)]
         except BaseException as exc:  # a task may raise anything, SystemExit included
             return wire.RAISED, pack_exception(exc)
-        if type(value) in wire.PLAIN:
+        if type(value) in wire.PLAIN or (type(value) is list and wire.plain(value)):
             return wire.INLINE, value
         try:
             return wire.PICKLED, pickle.dumps(value, 5)

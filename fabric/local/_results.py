@@ -156,8 +156,8 @@ class _ChunkTask(Task):
     def claim(self) -> bool:
         return self.job.wanted()
 
-    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        self.job.chunk_done(self, ok, value, seconds)
+    def deliver(self, ok: bool, value: Any, seconds: float) -> Callable[[], object] | None:
+        return self.job.chunk_done(self, ok, value, seconds)
 
     def describe(self) -> str:
         stop = self.start + len(self.args) - 1
@@ -168,7 +168,9 @@ class _ChunkSink:
     def wanted(self) -> bool:
         return True
 
-    def chunk_done(self, task: _ChunkTask, ok: bool, value: Any, seconds: float) -> None:
+    def chunk_done(
+        self, task: _ChunkTask, ok: bool, value: Any, seconds: float
+    ) -> Callable[[], object] | None:
         raise NotImplementedError
 
 
@@ -253,9 +255,12 @@ class IMapIterator(Iterator[T], _ChunkSink):
         self._seq = 0
         self._next_seq = 0
         self._start = 0
+        # Finished chunks as (ok, value, items): by sequence number when ordered,
+        # in arrival order otherwise.
         self._ready: dict[int, tuple[bool, Any, int]] = {}
-        self._order: collections.deque[int] = collections.deque()
+        self._arrived: collections.deque[tuple[bool, Any, int]] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0  # callers blocked on _cond: only then is a notify needed
         self._current: Iterator[Any] = iter(())
         self._taken: collections.deque[tuple[bool, Any]] = collections.deque()
         self._feeding = threading.Lock()  # the caller and Pool.close() may both feed
@@ -303,19 +308,42 @@ class IMapIterator(Iterator[T], _ChunkSink):
                     finally:
                         self._cond.acquire()
                     continue
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
 
     def _pop_ready(self) -> bool:
-        while True:
-            seq = self._next_seq if self._ordered else (self._order[0] if self._order else -1)
-            if seq not in self._ready:
-                return bool(self._taken)
-            ok, value, items = self._ready.pop(seq)
-            if not self._ordered:
-                self._order.popleft()
-            self._next_seq += 1
-            self._outstanding -= items  # only the caller's thread touches the count
-            self._taken.append((ok, value))
+        taken, count, items = self._taken, 0, 0
+        if self._ordered:
+            ready = self._ready
+            while self._next_seq + count in ready:
+                ok, value, n = ready.pop(self._next_seq + count)
+                taken.append((ok, value))
+                count, items = count + 1, items + n
+        else:
+            arrived = self._arrived
+            while arrived:
+                ok, value, n = arrived.popleft()
+                taken.append((ok, value))
+                count, items = count + 1, items + n
+        self._next_seq += count
+        self._outstanding -= items
+        return bool(taken)
+
+    def _arrive(self, seq: int, ok: bool, value: Any, items: int) -> None:
+        # No lock: a dict store or deque append is atomic, and every arrival is
+        # followed by _wake(), which takes the lock the waiter checks under.
+        if self._ordered:
+            self._ready[seq] = (ok, value, items)
+        else:
+            self._arrived.append((ok, value, items))
+
+    def _wake(self) -> None:
+        with self._cond:
+            if self._waiting:
+                self._cond.notify()
 
     def _refill(self, window: float | None = None) -> None:
         """Read input and submit chunks while fewer than ``window`` items are out."""
@@ -333,10 +361,8 @@ class IMapIterator(Iterator[T], _ChunkSink):
                     self._start += len(items)
                     self._outstanding += len(items)
             if self._input_error is not None:
-                with self._cond:
-                    self._ready[self._seq] = (False, self._input_error, 0)
-                    self._order.append(self._seq)
-                    self._cond.notify()
+                self._arrive(self._seq, False, self._input_error, 0)
+                self._wake()
                 self._seq += 1
                 self._input_error = None
             if tasks:
@@ -366,16 +392,15 @@ class IMapIterator(Iterator[T], _ChunkSink):
             return 1
         return max(1, min(_MAX_CHUNK, int(_TARGET_CHUNK_S / self._item_time)))
 
-    def chunk_done(self, task: _ChunkTask, ok: bool, value: Any, seconds: float) -> None:
+    def chunk_done(
+        self, task: _ChunkTask, ok: bool, value: Any, seconds: float
+    ) -> Callable[[], object]:
         items = len(task.args)
         self._item_time = seconds / items
         if ok and self._progress is not None:
             self._progress.update(items)
-        with self._cond:
-            self._ready[task.seq] = (ok, value, items)
-            if not self._ordered:
-                self._order.append(task.seq)
-            self._cond.notify()
+        self._arrive(task.seq, ok, value, items)
+        return self._wake
 
     def _progress_close(self) -> None:
         if self._progress is not None:
