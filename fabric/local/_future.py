@@ -135,5 +135,32 @@ class LazyFuture(Future[T]):
         if state in _DONE:  # (repr takes the lock, so not raised inside it)
             raise InvalidStateError(f"{state}: {self!r}")
         # No waiter can exist without the Condition, so only the callbacks remain.
-        self._invoke_callbacks()
+        if self._callback_list:
+            self._invoke_callbacks()
         return True
+
+    def settle(self, ok: bool, value: Any) -> None:
+        """Finish with ``value`` (a result if ``ok``, else an exception), for the executor.
+
+        The fast path of set_result/set_exception in one call; a future already
+        cancelled (or finished) ignores the outcome instead of raising.
+        """
+        result, exception = (value, None) if ok else (None, value)
+        with _lock:
+            fast = self._cond is None
+            if fast:
+                if self._state in _DONE:
+                    return
+                self._result = result
+                self._exception = exception
+                self._state = FINISHED
+        if not fast:
+            try:
+                if ok:
+                    super().set_result(value)
+                else:
+                    super().set_exception(value)
+            except InvalidStateError:
+                pass
+        elif self._callback_list:
+            self._invoke_callbacks()

@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _Executor
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from typing import Any, ParamSpec, TypeVar
 
 from fabric.local import _pool_wire as wire
@@ -40,18 +40,10 @@ class _FutureTask(LazyFuture[Any], Task):
         LazyFuture.__init__(self)
         Task.__init__(self, fn, kind, args, kwargs)
 
-    def claim(self) -> bool:
-        return self.set_running_or_notify_cancel()
+    claim = LazyFuture.set_running_or_notify_cancel
 
     def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        # One state check, inside set_*: a cancelled future refuses the outcome.
-        try:
-            if ok:
-                self.set_result(value)
-            else:
-                self.set_exception(value)
-        except InvalidStateError:
-            pass
+        self.settle(ok, value)  # a cancelled future ignores the outcome
 
 
 class Executor(_Executor):

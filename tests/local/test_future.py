@@ -106,3 +106,13 @@ def test_asyncio_wraps_it() -> None:
         assert asyncio.run(main()) == 9
     finally:
         setter.join(10)
+
+
+def test_settle_finishes_and_a_cancelled_future_ignores_it() -> None:
+    done: LazyFuture[int] = LazyFuture()
+    done.settle(False, KeyError("k"))
+    assert isinstance(done.exception(), KeyError)
+    cancelled: LazyFuture[int] = LazyFuture()
+    assert cancelled.cancel()
+    cancelled.settle(True, 1)
+    assert cancelled.cancelled()
