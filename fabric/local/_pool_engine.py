@@ -15,10 +15,11 @@ task duration (about ``_QUEUE_AHEAD_S`` of work each, at least one, at most
 two at a time and the last ones still spread evenly over the workers. Workers
 batch their results the same way (``_pool_worker``).
 
-A worker's death is seen on its pidfd. The loop drains what the worker had
-already sent, reaps it, reads the worker's shared-memory slot (the id of the
-task it was running, or 0) and charges only that task: it is requeued until it
-has taken down ``1 + retries`` workers, then fails with ``WorkerLostError``.
+A worker's death is seen on its pidfd (a forkserver worker's: its Process
+sentinel). The loop drains what the worker had already sent, reaps it, reads
+the worker's shared-memory slot (the id of the task it was running, or 0) and
+charges only that task: it is requeued until it has taken down
+``1 + retries`` workers, then fails with ``WorkerLostError``.
 The worker's other, not yet started tasks go back to the front of the queue
 uncharged. A replacement worker starts in the same slot.
 
@@ -37,7 +38,6 @@ import mmap
 import os
 import pickle
 import selectors
-import signal
 import sys
 import threading
 import weakref
@@ -91,7 +91,7 @@ class Engine:
         self.processes = processes
         self._maxtasks = maxtasks
         self._retries = retries
-        self._spawn = start_method == "spawn"
+        self._method = start_method
         self._pending: collections.deque[Task] = collections.deque()
         self._workers: list[WorkerHandle | None] = [None] * processes
         self._by_fd: dict[int, WorkerHandle] = {}
@@ -101,7 +101,7 @@ class Engine:
         self._task_time = 0.0  # EWMA of seconds per task, 0 until measured
         self._done = self._failed = self._lost = self._retried = 0
         self._early_deaths = 0
-        self._pickler = wire.Pickler(self._spawn)
+        self._pickler = wire.Pickler(by_value=start_method != "fork")
         self._slots_fd = os.memfd_create("fabric-pool-slots", os.MFD_CLOEXEC)
         os.ftruncate(self._slots_fd, max(mmap.PAGESIZE, processes * _pool_worker.SLOT_STRIDE))
         self._slots = mmap.mmap(self._slots_fd, 0)
@@ -254,7 +254,7 @@ class Engine:
         worker = self._by_fd.get(fd)
         if worker is None:
             return
-        if fd == worker.pidfd:
+        if fd == worker.exit_fd:
             self._on_exit(worker)
         elif fd == worker.out_fd:
             self._read(worker)
@@ -341,7 +341,7 @@ class Engine:
                 del worker.outbuf[:written]
         except BlockingIOError:
             pass
-        except (BrokenPipeError, OSError):  # the worker died: its pidfd will tell us how
+        except (BrokenPipeError, OSError):  # the worker died: its exit fd will tell us how
             worker.outbuf.clear()
         # The task fd is registered (for writing) only while bytes wait to go out.
         if worker.outbuf:
@@ -463,17 +463,16 @@ class Engine:
         for other in self._workers:
             if other is not None:
                 parent_only += other.fds()
-        worker = launch.start(index, self._spawn, self._slots_fd, parent_only)
+        worker = launch.start(index, self._method, self._slots_fd, parent_only)
         self._workers[index] = worker
-        for fd in (worker.pidfd, worker.out_fd):
+        for fd in (worker.exit_fd, worker.out_fd):
             self._register(fd, selectors.EVENT_READ, worker)
         worker.outbuf += self._config
         self._flush(worker)
 
     def _on_exit(self, worker: WorkerHandle) -> None:
         self._read(worker)  # results sent before the death still count
-        _, status = os.waitpid(worker.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
+        code = worker.reap()
         running = _pool_worker.SLOT.unpack_from(
             self._slots, worker.index * _pool_worker.SLOT_STRIDE
         )[0]
@@ -528,7 +527,7 @@ class Engine:
         for fd in worker.fds():
             self._unregister(fd)
             self._by_fd.pop(fd, None)
-            os.close(fd)
+        worker.close()
         self._workers[worker.index] = None
 
     def _stop_workers(self) -> None:
@@ -560,11 +559,10 @@ class Engine:
         try:
             for worker in self._workers:
                 if worker is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(worker.pid, signal.SIGKILL)
+                    worker.kill()
             for worker in self._workers:
                 if worker is not None:
-                    os.waitpid(worker.pid, 0)
+                    worker.reap()
             self._fail_all(TerminatedError("the pool was terminated before the task finished"))
             for worker in self._workers:
                 if worker is not None:

@@ -94,16 +94,17 @@ class Pickler:
     """Pickle what the parent sends: plain pickle where the worker can take it, else cloudpickle.
 
     A forked worker shares the parent's ``__main__``, so the plain pickler (by
-    reference, fast) suffices whenever it works; a spawned one gets cloudpickle
-    throughout, which carries ``__main__`` functions and classes by value.
+    reference, fast) suffices whenever it works; a spawned or forkserver one
+    (``by_value``) gets cloudpickle throughout, which carries ``__main__``
+    functions and classes by value.
     """
 
-    def __init__(self, spawn: bool) -> None:
-        self._spawn = spawn
+    def __init__(self, by_value: bool) -> None:
+        self._by_value = by_value
         self._by_reference: dict[int, tuple[Callable[..., Any], bytes]] = {}
 
     def dumps(self, obj: object) -> bytes:
-        if not self._spawn:
+        if not self._by_value:
             try:
                 return pickle.dumps(obj, 5)
             except Exception:

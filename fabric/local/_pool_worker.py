@@ -25,7 +25,15 @@ from typing import Any, BinaryIO
 from fabric.local import _pool_wire as wire
 from fabric.local._remote_errors import pack_exception
 
-__all__ = ["SLOT", "SLOT_STRIDE", "WorkerConfig", "fork_main", "run_worker", "spawn_main"]
+__all__ = [
+    "SLOT",
+    "SLOT_STRIDE",
+    "WorkerConfig",
+    "fork_main",
+    "process_main",
+    "run_worker",
+    "spawn_main",
+]
 
 SLOT = struct.Struct("<q")
 SLOT_STRIDE = 64  # one cache line per worker so slots never share a line
@@ -201,6 +209,21 @@ def fork_main(
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def process_main(in_fd: int, out_fd: int, slots_fd: int, index: int) -> None:
+    """Target of a forkserver worker's Process.
+
+    The fork server is its parent: it dies with the server (a daemonic
+    Process), which exits with the pool's process; end of file on the task
+    pipe ends it too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    code = run_worker(in_fd, out_fd, slots_fd, index)
+    if code:
+        raise SystemExit(code)
 
 
 def spawn_main() -> None:

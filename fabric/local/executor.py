@@ -11,6 +11,7 @@ worker's initializer fails.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import warnings
@@ -52,8 +53,13 @@ class Executor(_Executor):
     ``initializer(*initargs)`` runs once in each worker; ``max_tasks_per_child``
     retires a worker after that many tasks; ``retries`` is how many times a task
     whose worker died is run again; ``mp_context`` is a start method name
-    (``"fork"``, the default, or ``"spawn"``) or a context object.
+    (``"fork"``, the default, ``"forkserver"`` or ``"spawn"``) or a context
+    object (``fabric.local.get_context(m).Executor(...)`` passes its own).
     """
+
+    @classmethod
+    def _fabric_bind_context(cls, context: object) -> Callable[..., Executor]:
+        return functools.partial(cls, mp_context=context)
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ Differences from ``multiprocessing.Pool`` a caller may notice, all deliberate:
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
@@ -67,8 +68,13 @@ class Pool:
 
     ``retries`` is how many times a task whose worker died is run again before
     it fails with ``WorkerLostError``. ``context`` is a start method name
-    (``"fork"``, the default, or ``"spawn"``) or a context object.
+    (``"fork"``, the default, ``"forkserver"`` or ``"spawn"``) or a context
+    object (``fabric.local.get_context(m).Pool(...)`` passes its own).
     """
+
+    @classmethod
+    def _fabric_bind_context(cls, context: object) -> Callable[..., Pool]:
+        return functools.partial(cls, context=context)
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fabric.local import ExceptionProxy, Pool, RemoteTraceback
+from fabric.local import Context, ExceptionProxy, Pool, RemoteTraceback
 from tests.local import _pool_helpers as h
 
 POOLS: dict[str, Callable[..., Any]] = {
@@ -251,6 +251,21 @@ def test_close_finishes_queued_work() -> None:
     assert [r.get(0) for r in results] == [i * i for i in range(100)]
 
 
+def test_every_start_method_through_its_context(ctx: Context) -> None:
+    offset = 10
+    h.set_marker("changed in the parent")  # a forked worker sees it, a fresh one does not
+    try:
+        with ctx.Pool(2) as pool:
+            assert pool.map(lambda x: x + offset, range(4)) == [10, 11, 12, 13]
+            assert list(pool.imap_unordered(lambda x: -x, [5])) == [-5]
+            ppid, marker = pool.apply(lambda: (os.getppid(), h.get_marker()))
+    finally:
+        h.set_marker(h.DEFAULT_MARKER)
+    method = ctx.get_start_method()
+    assert (ppid == os.getpid()) == (method != "forkserver")  # the fork server's child
+    assert (marker == "changed in the parent") == (method == "fork")
+
+
 def test_spawn_start_method() -> None:
     with Pool(1, context="spawn") as pool:
         assert pool.map(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]
@@ -362,8 +377,8 @@ def test_large_arguments_and_results_cross_both_ways(pool: Pool) -> None:
 def test_multiprocessing_context_object_picks_the_start_method() -> None:
     with Pool(1, context=multiprocessing.get_context("spawn")) as pool:
         assert pool.apply(os.getppid) == os.getpid()
-    with pytest.raises(ValueError, match="forkserver"):
-        Pool(1, context="forkserver")
+    with pytest.raises(ValueError, match="vfork"):
+        Pool(1, context="vfork")
 
 
 def test_a_forked_child_cannot_use_or_stop_the_parents_pool(pool: Pool) -> None:
