@@ -71,6 +71,7 @@
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
+#include "codec.h"
 #include "futex.h"
 
 #define RING_MAGIC 0x21474e4952424146ULL /* "FABRING!" */
@@ -143,9 +144,21 @@ _Static_assert(offsetof(hdr_t, head) % 64 == 0, "head not on its own line");
 /* The calling process's pid, refreshed in fork children: getpid() is a real
  * system call and sits on every put. */
 static _Atomic uint32_t my_pid;
-static void refresh_pid(void) { atomic_store_explicit(&my_pid, (uint32_t)getpid(), memory_order_relaxed); }
+/* The calling thread's id, likewise cached (gettid() is a system call too;
+ * 0: not looked up yet in this thread). */
+static _Thread_local uint32_t my_tid;
+static void refresh_pid(void)
+{
+    atomic_store_explicit(&my_pid, (uint32_t)getpid(), memory_order_relaxed);
+    my_tid = 0; /* the fork child's only thread has a new id */
+}
 static inline uint32_t me(void) { return atomic_load_explicit(&my_pid, memory_order_relaxed); }
-static inline uint64_t my_token(void) { return ((uint64_t)me() << 32) | (uint32_t)gettid(); }
+static inline uint64_t my_token(void)
+{
+    if (my_tid == 0)
+        my_tid = (uint32_t)gettid();
+    return ((uint64_t)me() << 32) | my_tid;
+}
 
 static inline void cpu_relax(void)
 {
@@ -1146,21 +1159,86 @@ static int plain(PyObject *obj, int depth)
     return 0;
 }
 
-/* put(obj, block=True, timeout=None): pickle obj (protocol 5, out-of-band
- * buffers copied straight into the ring) and put it; bytes go raw. */
-static PyObject *Ring_put(Ring *self, PyObject *args, PyObject *kw)
+/* Unpack vectorcall arguments for the parameters `names` (the first
+ * `required` of them mandatory) into out[] as borrowed references, NULL for
+ * an absent one: put/get are called per message, so no tuple, no dict. */
+static int unpack_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                       const char *const *names, int n, int required, PyObject **out)
 {
-    static char *kwlist[] = {"obj", "block", "timeout", NULL};
-    PyObject *obj, *timeout = NULL;
-    int block = 1, err;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|pO:put", kwlist, &obj, &block, &timeout))
+    if (nargs > n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", fn, n, nargs);
+        return -1;
+    }
+    for (int i = 0; i < n; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int i = 0;
+        while (i < n && PyUnicode_CompareWithASCIIString(key, names[i]) != 0)
+            i++;
+        if (i == n) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fn, key);
+            return -1;
+        }
+        if (out[i] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fn, names[i]);
+            return -1;
+        }
+        out[i] = args[nargs + k];
+    }
+    for (int i = 0; i < required; i++) {
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* block and timeout arguments (either may be NULL: absent) -> seconds to
+ * wait (0: don't, < 0: forever); -1 with *err set on a bad argument. */
+static double block_timeout(PyObject *block, PyObject *timeout, int *err)
+{
+    int b = block == NULL ? 1 : PyObject_IsTrue(block);
+    if (b < 0) {
+        *err = 1;
+        return -1;
+    }
+    return parse_timeout(b, timeout, err);
+}
+
+#define CODEC_BUF 1024 /* encoded on the stack up to this size; bigger goes to pickle */
+
+static PyObject *put_object(Ring *self, PyObject *obj, double t);
+
+/* put(obj, block=True, timeout=None): put obj (see put_object). */
+static PyObject *Ring_put(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"obj", "block", "timeout"};
+    PyObject *a[3];
+    int err;
+    if (unpack_args("put", args, nargs, kwnames, names, 3, 1, a) < 0)
         return NULL;
-    double t = parse_timeout(block, timeout, &err);
+    double t = block_timeout(a[1], a[2], &err);
     if (err)
         return NULL;
+    return put_object(self, a[0], t);
+}
+
+/* Pickle obj (protocol 5, out-of-band buffers copied straight into the
+ * ring) and put it; bytes go raw, small plain objects through the codec. */
+static PyObject *put_object(Ring *self, PyObject *obj, double t)
+{
     if (PyBytes_CheckExact(obj)) {
         seg_t seg = {(const uint8_t *)PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj)};
         return put_result(self, put_message(self, &seg, 1, seg.len, K_RAW, t));
+    }
+    char buf[CODEC_BUF];
+    Py_ssize_t len = codec_encode(obj, buf, sizeof buf);
+    if (len >= 0) {
+        seg_t seg = {(const uint8_t *)buf, (size_t)len};
+        return put_result(self, put_message(self, &seg, 1, seg.len, K_PICKLE, t));
     }
     if (plain(obj, 1)) {
         /* nothing here can produce an out-of-band buffer: skip the callback */
@@ -1242,8 +1320,12 @@ static PyObject *decode(Ring *self, unsigned kind, PyObject *payload)
 {
     if (kind == K_RAW)
         return Py_NewRef(payload);
-    if (kind == K_PICKLE)
+    if (kind == K_PICKLE) {
+        PyObject *obj = codec_decode(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload));
+        if (obj != NULL || PyErr_Occurred())
+            return obj;
         return PyObject_CallOneArg(self->loads, payload);
+    }
     /* OOB: payload is a bytearray; buffers are writable views into it */
     char *p = PyByteArray_AS_STRING(payload);
     size_t len = (size_t)PyByteArray_GET_SIZE(payload);
@@ -1325,9 +1407,12 @@ static PyObject *get_payload(Ring *self, double timeout, int check_peer, int sid
                 size_t len = INFO_LEN(g.c.info);
                 const uint8_t *p = contiguous(self, g.c.pos + REC_HDR, len);
                 if (p != NULL) {
-                    PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)len, PyBUF_READ);
-                    PyObject *obj = mv ? PyObject_CallOneArg(self->loads, mv) : NULL;
-                    Py_XDECREF(mv);
+                    PyObject *obj = codec_decode((const char *)p, (Py_ssize_t)len);
+                    if (obj == NULL && !PyErr_Occurred()) {
+                        PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)len, PyBUF_READ);
+                        obj = mv ? PyObject_CallOneArg(self->loads, mv) : NULL;
+                        Py_XDECREF(mv);
+                    }
                     release(self, &g.c);
                     *kind = K_RAW; /* already decoded */
                     return obj;
@@ -1343,14 +1428,14 @@ static PyObject *get_payload(Ring *self, double timeout, int check_peer, int sid
     }
 }
 
-static PyObject *Ring_get(Ring *self, PyObject *args, PyObject *kw)
+static PyObject *Ring_get(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static char *kwlist[] = {"block", "timeout", NULL};
-    int block = 1, err;
-    PyObject *timeout = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|pO:get", kwlist, &block, &timeout))
+    static const char *const names[] = {"block", "timeout"};
+    PyObject *a[2];
+    int err;
+    if (unpack_args("get", args, nargs, kwnames, names, 2, 0, a) < 0)
         return NULL;
-    double t = parse_timeout(block, timeout, &err);
+    double t = block_timeout(a[0], a[1], &err);
     if (err)
         return NULL;
     unsigned kind;
@@ -1603,12 +1688,7 @@ static PyObject *Ring_send(Ring *self, PyObject *const *args, Py_ssize_t nargs)
         }
         return put_result(self, rc);
     }
-    PyObject *a = PyTuple_Pack(1, args[0]);
-    if (a == NULL)
-        return NULL;
-    PyObject *res = Ring_put(self, a, NULL);
-    Py_DECREF(a);
-    return res;
+    return put_object(self, args[0], -1);
 }
 
 static PyObject *Ring_futex_word(Ring *Py_UNUSED(self), PyObject *Py_UNUSED(ignored))
@@ -1618,11 +1698,11 @@ static PyObject *Ring_futex_word(Ring *Py_UNUSED(self), PyObject *Py_UNUSED(igno
 }
 
 static PyMethodDef Ring_methods[] = {
-    {"put", (PyCFunction)(void (*)(void))Ring_put, METH_VARARGS | METH_KEYWORDS,
+    {"put", (PyCFunction)(void (*)(void))Ring_put, METH_FASTCALL | METH_KEYWORDS,
      "Pickle obj and put it; bytes go as they are."},
     {"put_bytes", (PyCFunction)(void (*)(void))Ring_put_bytes, METH_VARARGS | METH_KEYWORDS,
      "Put a bytes-like object as a raw message."},
-    {"get", (PyCFunction)(void (*)(void))Ring_get, METH_VARARGS | METH_KEYWORDS, "Remove and return a message."},
+    {"get", (PyCFunction)(void (*)(void))Ring_get, METH_FASTCALL | METH_KEYWORDS, "Remove and return a message."},
     {"recv", (PyCFunction)Ring_recv, METH_VARARGS, "Pipe receive; EOFError when the writers are gone."},
     {"send", (PyCFunction)(void (*)(void))Ring_send, METH_FASTCALL,
      "Pipe send; BrokenPipeError when the readers are gone."},
