@@ -71,6 +71,7 @@
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
+#include "bufferproxy.h"
 #include "codec.h"
 #include "futex.h"
 
@@ -1801,6 +1802,8 @@ static int ring_exec(PyObject *m)
     if (PyType_Ready(&RingType) < 0)
         return -1;
     if (PyModule_AddObjectRef(m, "Ring", (PyObject *)&RingType) < 0)
+        return -1;
+    if (bufferproxy_add(m) < 0)
         return -1;
     if (PyModule_AddIntConstant(m, "HEADER_SIZE", HDR_SIZE) < 0)
         return -1;
