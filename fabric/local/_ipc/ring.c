@@ -350,11 +350,15 @@ static inline void stamp_writing(Ring *r, uint64_t pos, uint32_t info)
 
 /* Try to reserve a record for a payload described by `info` and stamp it.
  * stream_owner: the caller holds wstream; stream_flag: the stream stays open
- * after this fragment. Stamping right after the CAS, in the same call, keeps
- * the unstamped window a few instructions long (never across a GIL wait). */
-static int try_reserve(Ring *r, uint32_t info, int stream_owner, int stream_flag, uint64_t *pos)
+ * after this fragment; need: free bytes required (at least the record's;
+ * more to make room for a whole stream at once). Stamping right after the
+ * CAS, in the same call, keeps the unstamped window a few instructions long
+ * (never across a GIL wait). */
+static int try_reserve(Ring *r, uint32_t info, int stream_owner, int stream_flag, uint64_t need, uint64_t *pos)
 {
     uint32_t size = rec_size(INFO_LEN(info));
+    if (need < size)
+        need = size;
     for (unsigned spins = 0;; spins++) {
         uint64_t lo, hi;
         tail_load(r, &lo, &hi);
@@ -367,7 +371,7 @@ static int try_reserve(Ring *r, uint32_t info, int stream_owner, int stream_flag
         if (HI_STREAM(hi) && !stream_owner)
             return RC_STREAM;
         uint64_t head = atomic_load_explicit(&r->h->head, memory_order_acquire);
-        if (lo + size - head > r->cap)
+        if (lo + need - head > r->cap)
             return RC_SPACE;
         if (tail_cas(r, lo, hi, lo + size, TAIL_HI(me(), stream_flag, INFO_FRAG(info), size))) {
             stamp_writing(r, lo, info);
@@ -664,7 +668,7 @@ typedef struct {
     uint32_t info;
     int stream_owner, stream_flag, need_slot, have_slot;
     unsigned tries;
-    uint64_t pos;
+    uint64_t need, pos;
 } put_arg;
 
 static int attempt_put(Ring *r, void *a, int slow)
@@ -675,7 +679,7 @@ static int attempt_put(Ring *r, void *a, int slow)
             return RC_FULL;
         p->have_slot = 1;
     }
-    int rc = try_reserve(r, p->info, p->stream_owner, p->stream_flag, &p->pos);
+    int rc = try_reserve(r, p->info, p->stream_owner, p->stream_flag, p->need, &p->pos);
     if (rc == RC_OK)
         return rc;
     if (p->have_slot) { /* never sit on a slot while waiting */
@@ -757,7 +761,7 @@ static int put_message(Ring *r, seg_t *segs, int nseg, size_t len, unsigned kind
     cursor_t cur = {segs, nseg, 0, 0};
     int nogil = len >= NOGIL_COPY;
     if (len <= r->h->max_frag) {
-        put_arg p = {INFO(len, kind, F_WHOLE), 0, 0, 1, 0, 0, 0};
+        put_arg p = {INFO(len, kind, F_WHOLE), 0, 0, 1, 0, 0, 0, 0};
         int rc = reserve(r, &p, timeout);
         if (rc != RC_OK)
             return rc;
@@ -765,7 +769,18 @@ static int put_message(Ring *r, seg_t *segs, int nseg, size_t len, unsigned kind
         atomic_fetch_add_explicit(&r->h->puts, 1, memory_order_relaxed);
         return RC_OK;
     }
-    /* streamed: FIRST carries the total length ahead of its data */
+    /* Streamed: FIRST carries the total length ahead of its data. A put
+     * that may give up (block=False, a timeout) must never do so half way,
+     * which would lose the message. If the whole stream fits the ring, its
+     * FIRST waits for room for all of it (no other producer can reserve
+     * while our stream flag is in tail, and room only grows), so the later
+     * fragments never wait. If it does not fit, block=False fails at once
+     * and a timeout bounds only the wait for the start. */
+    size_t max_frag = r->h->max_frag, first = max_frag - 8, rest = len - first;
+    uint64_t whole = rec_size((uint32_t)max_frag) * (uint64_t)(rest / max_frag);
+    whole += rec_size((uint32_t)max_frag) + (rest % max_frag ? rec_size((uint32_t)(rest % max_frag)) : 0);
+    if (timeout == 0 && whole > r->cap)
+        return RC_FULL;
     double deadline = timeout < 0 ? -1 : fx_now() + timeout;
     int rc = acquire_wstream(r, NULL, 0);
     if (rc != RC_OK && timeout != 0)
@@ -780,17 +795,19 @@ static int put_message(Ring *r, seg_t *segs, int nseg, size_t len, unsigned kind
     unsigned frag = F_FIRST;
     while (left || frag == F_FIRST) {
         size_t extra = frag == F_FIRST ? 8 : 0;
-        size_t chunk = r->h->max_frag - extra;
+        size_t chunk = max_frag - extra;
         if (chunk >= left)
             chunk = left;
         unsigned role = frag == F_FIRST ? F_FIRST : (chunk == left ? F_LAST : F_MID);
-        put_arg p = {INFO(chunk + extra, kind, role), 1, role != F_LAST, role == F_FIRST, 0, 0, 0};
+        put_arg p = {INFO(chunk + extra, kind, role), 1, role != F_LAST, role == F_FIRST, 0, 0,
+                     role == F_FIRST && timeout >= 0 && whole <= r->cap ? whole : 0, 0};
         double t = deadline < 0 ? -1 : deadline - fx_now();
         rc = reserve(r, &p, t < 0 && deadline >= 0 ? 0 : t);
-        if (rc != RC_OK) {
+        if (rc != RC_OK) { /* nothing written yet, or a Python error */
             abort_stream(r);
             return rc;
         }
+        deadline = -1; /* started: finish the message */
         rec_t *rec = rec_at(r, p.pos);
         Py_BEGIN_ALLOW_THREADS
         uint64_t at = p.pos + REC_HDR;
