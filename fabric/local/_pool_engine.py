@@ -330,7 +330,7 @@ class Engine:
             if not task.kwargs and wire.plain(args):
                 return tuple(args)
             return self._pickler.dumps((args, task.kwargs))
-        if task.kind == wire.MAP and wire.plain(args):
+        if task.kind == wire.MAP and len(args) <= wire.INLINE_LIST_MAX and wire.plain(args):
             return list(args)
         return self._pickler.dumps(args)
 

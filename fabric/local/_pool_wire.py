@@ -24,6 +24,7 @@ __all__ = [
     "HEADER",
     "INIT_ERROR",
     "INLINE",
+    "INLINE_LIST_MAX",
     "MAP",
     "PICKLED",
     "PLAIN",
@@ -54,6 +55,9 @@ RAISED, PICKLED, INLINE = 0, 1, 2
 # inside the batch's pickle: no pickle of their own, and still never able to
 # cost another task of the batch its result.
 PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
+# Lists up to this long are checked for plainness; a longer one costs one
+# pickle call for many items anyway, less than checking each of them.
+INLINE_LIST_MAX = 16
 
 
 def plain(values: Iterable[Any]) -> bool:

@@ -138,7 +138,9 @@ class _Runner:
                 value = [fn(*x) for x in pickle.loads(payload)]
         except BaseException as exc:  # a task may raise anything, SystemExit included
             return wire.RAISED, pack_exception(exc)
-        if type(value) in wire.PLAIN or (type(value) is list and wire.plain(value)):
+        if type(value) in wire.PLAIN or (
+            type(value) is list and len(value) <= wire.INLINE_LIST_MAX and wire.plain(value)
+        ):
             return wire.INLINE, value
         try:
             return wire.PICKLED, pickle.dumps(value, 5)
