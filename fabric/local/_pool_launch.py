@@ -33,7 +33,7 @@ class WorkerHandle:
 
     __slots__ = (
         "exit_fd", "inbuf", "index", "inflight", "out_fd", "outbuf", "pid", "process", "ready",
-        "retiring", "sent", "task_fd",
+        "retiring", "sent", "task_fd", "write_watched",
     )  # fmt: skip
 
     def __init__(
@@ -48,6 +48,7 @@ class WorkerHandle:
         self.exit_fd = os.pidfd_open(pid) if process is None else process.sentinel
         self.inflight: dict[int, Task] = {}
         self.outbuf = bytearray()
+        self.write_watched = False  # task_fd registered for writing: outbuf is not empty
         self.inbuf = bytearray()
         self.sent = 0  # tasks sent, counted against maxtasksperchild
         self.retiring = False  # sent no more tasks: STOP sent or quota reached
