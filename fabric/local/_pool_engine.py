@@ -60,7 +60,7 @@ __all__ = ["Engine"]
 log = logging.getLogger(__name__)
 
 _QUEUE_AHEAD_S = 0.004  # work queued per worker: hides a round trip, keeps the tail even
-_MAX_BATCH = 1024
+_MAX_BATCH = 4096
 _EWMA = 0.2
 _READ_SIZE = 1 << 16  # (a read of 1 MiB costs an mmap and munmap each time: ~25 us)
 _EARLY_DEATHS = 3  # workers dying before READY this many times in a row break the pool
