@@ -51,9 +51,10 @@ class Task:
     def deliver(self, ok: bool, value: Any, seconds: float) -> Callable[[], object] | None:
         """Hand over the result (``ok``) or the exception; called once, on the loop.
 
-        May return a callable that the loop calls once after the whole batch of
-        results was delivered: a consumer waiting for many tasks is then woken
-        once per batch, not once per task.
+        May return a callable that wakes whoever waits for the outcome; the loop
+        calls it once (however many tasks returned it) after dispatching what it
+        can: a consumer waiting for many tasks is woken once per batch, and finds
+        the GIL free.
         """
         raise NotImplementedError
 

@@ -94,21 +94,28 @@ class AsyncResult(Generic[T]):
             return self._value  # type: ignore[no-any-return]
         raise self._value
 
-    def _set(self, ok: bool, value: Any) -> None:
+    def _set(self, ok: bool, value: Any) -> Callable[[], object] | None:
+        """Store the outcome and run the callback; return the wake-up of a waiter, if any."""
         if self._done:
-            return
+            return None
         self._ok, self._value = ok, value
         callback = self._callback if ok else self._error_callback
         try:
             if callback is not None:
                 callback(value)
-        finally:
-            # _done before reading _event pairs with wait() publishing _event before
-            # re-reading _done: one of the two always sees the other.
-            self._done = True
-            event = self._event
-            if event is not None:
-                event.set()
+        except BaseException:
+            wake = self._mark_done()
+            if wake is not None:
+                wake()
+            raise
+        return self._mark_done()
+
+    def _mark_done(self) -> Callable[[], object] | None:
+        # _done before reading _event pairs with wait() publishing _event before
+        # re-reading _done: one of the two always sees the other.
+        self._done = True
+        event = self._event
+        return None if event is None else event.set
 
 
 # One lock for every result's lazily created Event: a result nobody waits on
@@ -132,8 +139,8 @@ class CallTask(AsyncResult[T], Task):
         AsyncResult.__init__(self, callback, error_callback)
         Task.__init__(self, fn, wire.CALL, args, kwargs)
 
-    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        self._set(ok, value)
+    def deliver(self, ok: bool, value: Any, seconds: float) -> Callable[[], object] | None:
+        return self._set(ok, value)
 
 
 class _ChunkTask(Task):
@@ -197,30 +204,34 @@ class MapResult(AsyncResult[list[T]], _ChunkSink):
             tasks.append(_ChunkTask(self, fn, star, seq, start, items[start:stop]))
         self._left = len(tasks)
         if not tasks:
-            self._finish(True, [])
+            wake = self._finish(True, [])
+            if wake is not None:
+                wake()
             return
         engine.submit_many(tasks)
 
     def wanted(self) -> bool:
         return not self._done
 
-    def chunk_done(self, task: _ChunkTask, ok: bool, value: Any, seconds: float) -> None:
+    def chunk_done(
+        self, task: _ChunkTask, ok: bool, value: Any, seconds: float
+    ) -> Callable[[], object] | None:
         if self._done:
-            return
+            return None
         if not ok:
-            self._finish(False, value)
-            return
+            return self._finish(False, value)
         self._values[task.start : task.start + len(value)] = value
         if self._progress is not None:
             self._progress.update(len(value))
         self._left -= 1
         if self._left == 0:
-            self._finish(True, self._values)
+            return self._finish(True, self._values)
+        return None
 
-    def _finish(self, ok: bool, value: Any) -> None:
+    def _finish(self, ok: bool, value: Any) -> Callable[[], object] | None:
         if self._progress is not None:
             self._progress.close()
-        self._set(ok, value)
+        return self._set(ok, value)
 
 
 class IMapIterator(Iterator[T], _ChunkSink):

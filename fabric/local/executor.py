@@ -43,8 +43,13 @@ class _FutureTask(LazyFuture[Any], Task):
 
     claim = LazyFuture.set_running_or_notify_cancel
 
-    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        self.settle(ok, value)  # a cancelled future ignores the outcome
+    def deliver(self, ok: bool, value: Any, seconds: float) -> Callable[[], object] | None:
+        # A cancelled future ignores the outcome. With no Condition, nobody waits
+        # yet: settle now; else settle (and wake the waiter) once the loop is done.
+        if self._cond is None:
+            self.settle(ok, value)
+            return None
+        return functools.partial(self.settle, ok, value)
 
 
 class Executor(_Executor):
