@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import mmap
 import os
 import pickle
@@ -194,6 +195,9 @@ def fork_main(
     code = 1
     try:
         _detach(parent)
+        # The parent's objects stay out of this process's collections: a
+        # collection touching them would copy every page they sit on.
+        gc.freeze()
         for fd in drop:
             with contextlib.suppress(OSError):
                 os.close(fd)
