@@ -28,6 +28,11 @@ T = TypeVar("T")
 
 _TARGET_CHUNK_S = 0.005  # adaptive chunks aim at this much work each
 _MAX_CHUNK = 4096
+# imap keeps about this much work outstanding per worker (at least _MIN_WINDOW
+# and two chunks' worth of items, at most _MAX_WINDOW), so workers never wait
+# for the caller to read more input, and memory stays bounded.
+_WINDOW_S = 0.02
+_MIN_WINDOW, _MAX_WINDOW = 256, 16384
 
 
 def chunk_bounds(length: int, processes: int, chunksize: int | None) -> list[int]:
@@ -261,7 +266,7 @@ class IMapIterator(Iterator[T], _ChunkSink):
         self._star = star
         self._progress = progress
         self._item_time = 0.0
-        self._window = 256 * engine.processes
+        self._window = _MIN_WINDOW * engine.processes  # items outstanding; see _resize()
         self._outstanding = 0  # items sent and not yet handed to the caller
         self._seq = 0
         self._next_seq = 0
@@ -283,12 +288,17 @@ class IMapIterator(Iterator[T], _ChunkSink):
         return self
 
     def __next__(self) -> T:
-        return self.next()
+        for value in self._current:  # the per-item path: no call but this one
+            return value  # type: ignore[no-any-return]
+        return self._next_chunk(None)
 
     def next(self, timeout: float | None = None) -> T:
         """Return the next result; TimeoutError if none comes within ``timeout``."""
         for value in self._current:
             return value  # type: ignore[no-any-return]
+        return self._next_chunk(timeout)
+
+    def _next_chunk(self, timeout: float | None) -> T:
         if not self._taken:
             self._take(timeout)
         ok, value = self._taken.popleft()
@@ -408,10 +418,18 @@ class IMapIterator(Iterator[T], _ChunkSink):
     ) -> Callable[[], object]:
         items = len(task.args)
         self._item_time = seconds / items
+        self._resize()
         if ok and self._progress is not None:
             self._progress.update(items)
         self._arrive(task.seq, ok, value, items)
         return self._wake
+
+    def _resize(self) -> None:
+        per_worker = _MIN_WINDOW
+        if self._item_time > 0:
+            per_worker = min(_MAX_WINDOW, max(per_worker, int(_WINDOW_S / self._item_time)))
+        per_worker = max(per_worker, 2 * self._chunk())
+        self._window = per_worker * self._engine.processes
 
     def _progress_close(self) -> None:
         if self._progress is not None:
