@@ -97,7 +97,7 @@ class _Latch:
         return True
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     message: Call | Create
     done: _Latch = field(default_factory=_Latch)
@@ -324,7 +324,7 @@ class Connection:
         return sock is not None and bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
     def _await(self, pending: _Pending) -> bytes:
-        if threading.current_thread() is self._threads[0]:
+        if not pending.done.is_set() and threading.current_thread() is self._threads[0]:
             while not pending.done.is_set() and not self._closing:  # a callback called us
                 self._turn(0.05)
         pending.done.wait()
