@@ -67,6 +67,37 @@ def compose_project(project: str) -> Iterator[None]:
     assert not "".join(left).split(), f"compose project {project} left {left}"
 
 
+SHIM = """import os, sys
+
+args = sys.argv[1:]
+if args[:1] != ["compose"]:
+    os.execv(DOCKER, [DOCKER, *args])
+args = args[1:]
+i = 0  # past the global options, to the compose command
+while i < len(args) and args[i].startswith("-"):
+    i += 2 if args[i] in ("-f", "--file", "-p", "--project-name", "--env-file") else 1
+if args[i : i + 1] in (["run"], ["exec"]) and not sys.stdin.isatty():
+    args.insert(i + 1, "-T")  # v2 allocates no TTY without a terminal; v1 must be told
+os.execvp("docker-compose", ["docker-compose", *args])
+"""
+
+
+def compose_v1_shim(bin_dir: Path) -> Path:
+    """A directory whose ``docker`` runs ``docker compose ...`` as Compose v1 would.
+
+    Only where Compose v1 alone is installed (the cluster page says every command
+    takes either): ``docker-compose ...``, with ``-T`` for ``run`` and ``exec``
+    when there is no terminal, as Compose v2 decides by itself.
+    """
+    bin_dir.mkdir()
+    if compose.compose_command() == ("docker-compose",):
+        shim = bin_dir / "docker"
+        docker = repr(shutil.which("docker"))
+        shim.write_text(f"#!{sys.executable}\nDOCKER = {docker}\n{SHIM}")
+        shim.chmod(0o755)
+    return bin_dir
+
+
 @pytest.mark.parametrize("block", params())
 def test_shell_block_runs(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     assert not block.problems, block.problems
@@ -82,6 +113,7 @@ def test_shell_block_runs(block: Block, tmp_path: Path, request: pytest.FixtureR
         if block.mode == "docker":
             request.getfixturevalue("docker_engine")
             env.update(COMPOSE_PROJECT_NAME=project, FABRIC_IMAGE=f"fabric-cluster:{project}")
+            env["PATH"] = f"{compose_v1_shim(tmp_path / 'bin')}{os.pathsep}{env['PATH']}"
             stack.enter_context(compose_project(project))
         if block.mode == "local":
             cwd.mkdir()
