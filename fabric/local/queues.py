@@ -7,7 +7,9 @@ after ``put`` loses nothing, an unpicklable object raises in ``put`` and
 ``join_thread`` has nothing to wait for. Exact ``bytes`` skip pickle. A
 message larger than a quarter of the ring is streamed through it in pieces,
 so ``put`` of such a message returns only once consumers have taken the
-pieces that did not fit.
+pieces that did not fit; a ``put`` that may give up (``block=False``, a
+timeout) raises ``queue.Full`` only before writing anything (see
+docs/local-queues.md).
 
 A queue pickles as its shared-memory block, so it reaches children under
 every start method and can itself travel through another queue. A consumer

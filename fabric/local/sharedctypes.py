@@ -3,12 +3,12 @@
 The ``multiprocessing.sharedctypes`` API. Each object lives in its own
 shared block and pickles as that block, so it reaches children under every
 start method and travels through Queues, Pipes and Pool arguments (not only
-"through inheritance"). Raw objects are plain ctypes objects and support the
-buffer protocol: ``memoryview(raw)`` and ``numpy.frombuffer(raw, ...)`` are
-views of the shared memory, with no copy. The synchronized wrappers returned
-by ``Value``/``Array`` add a lock (a fabric ``RLock`` by default, which a
-process killed while holding it does not leave locked forever); reach the
-underlying buffer with ``get_obj()``.
+"through inheritance"). Raw objects are plain ctypes objects; they and the
+synchronized wrappers returned by ``Value``/``Array`` support the buffer
+protocol: ``memoryview(obj)`` and ``numpy.frombuffer(obj, ...)`` are views of
+the shared memory, with no copy. The wrappers add a lock (a fabric ``RLock``
+by default, which a process killed while holding it does not leave locked
+forever); the buffer views bypass it.
 
 Read-modify-write such as ``v.value += 1`` is not atomic: hold the lock
 (``with v.get_lock(): v.value += 1``).
@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fabric.local import _shm
+from fabric.local._ring import BufferProxy
 
 __all__ = ["Array", "RawArray", "RawValue", "Value", "copy", "synchronized"]
 
@@ -173,8 +174,13 @@ def synchronized(obj: Any, lock: Any = None) -> Synchronized:
     return Synchronized(obj, lock)
 
 
-class Synchronized:
-    """A shared ctypes object and the lock guarding it."""
+class Synchronized(BufferProxy):
+    """A shared ctypes object and the lock guarding it.
+
+    Exports the object's buffer: ``memoryview(wrapper)`` and
+    ``numpy.frombuffer(wrapper, ...)`` are views of the shared memory, no copy
+    and no lock (hold ``get_lock()`` around accesses that must be atomic).
+    """
 
     def __init__(self, obj: Any, lock: Any) -> None:
         self._obj, self._lock = obj, lock

@@ -14,6 +14,11 @@ the broker acknowledges it and re-sent on every new session: SUBMITs until
 ACK, CALLs and CREATEs until REPLY (the host's reply cache makes a re-sent CALL
 harmless). RESULTs are handed to their task's callback once and DONE'd.
 
+A connection to a broker embedded in this very process (``local``, the
+Manager's own) applies its object calls in the calling thread, under the
+broker's lock (``Broker.call_local``): no socket, no thread wake-up; a call
+that parks is answered later over the socket as usual.
+
 A connection opened as role ``host`` also serves CREATE/CALL for the custom
 types this client registered, on a thread of its own, so a custom method that
 blocks (or calls other shared objects) never stalls the I/O thread.
@@ -33,7 +38,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import zmq
 
@@ -62,10 +67,40 @@ ResultCallback = Callable[[str, str, bytes], None]
 """Called once per task, on the I/O thread, with (status, message, payload)."""
 
 
+class LocalBroker(Protocol):
+    """A broker in this very process (``Broker.call_local``): object calls skip the socket."""
+
+    def call_local(self, session: bytes, message: Call | Create) -> list[Reply]: ...
+
+
+class _Latch:
+    """A one-shot event for one waiter: a held lock that ``set`` releases (cheaper to make)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        """Let the waiter go; call at most once."""
+        self._lock.release()
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Return True once set, False if ``timeout`` passed first."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._lock.release()
+        return True
+
+
 @dataclass
 class _Pending:
     message: Call | Create
-    done: threading.Event = field(default_factory=threading.Event)
+    done: _Latch = field(default_factory=_Latch)
     reply: Reply | None = None
     error: Exception | None = None
 
@@ -92,7 +127,9 @@ class Connection:
         runtime: Runtime | None = None,
         timeout: float = 10.0,
         reconnect_timeout: float = 60.0,
+        local: LocalBroker | None = None,
     ) -> None:
+        self._local = local
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._link = Link(
             self._context,
@@ -246,8 +283,25 @@ class Connection:
         with self._lock:
             self._check_open()
             self._calls[message.call] = pending
-        self._send_or_queue(message)
+        if not self._call_local(message):
+            self._send_or_queue(message)
         return pending
+
+    def _call_local(self, message: Call | Create) -> bool:
+        """Apply a call in this thread through a broker of this process; False: use the socket.
+
+        The call is registered in ``_calls`` first, so a reply that comes later
+        over the socket (a parked call) finds its waiter.
+        """
+        if self._local is None:
+            return False
+        try:
+            replies = self._local.call_local(self.session, message)
+        except LookupError:  # no session there yet (or any more): the socket path re-sends
+            return False
+        for reply in replies:
+            self._replied(reply)
+        return True
 
     def _post(self, message: Message) -> None:
         with self._lock:
@@ -369,11 +423,7 @@ class Connection:
         if isinstance(message, Result):
             return self._result(message)
         if isinstance(message, Reply):
-            with self._lock:
-                pending = self._calls.pop(message.call, None)
-            if pending is not None:
-                pending.reply = message
-                pending.done.set()
+            self._replied(message)
         elif isinstance(message, Ack):
             task = self._tasks.get(message.task)
             if task is not None:
@@ -385,6 +435,13 @@ class Connection:
         else:
             log.debug("ignored %s from the broker", type(message).__name__)
         return []
+
+    def _replied(self, reply: Reply) -> None:
+        with self._lock:
+            pending = self._calls.pop(reply.call, None)
+        if pending is not None:
+            pending.reply = reply
+            pending.done.set()
 
     def _result(self, message: Result) -> list[Callable[[], None]]:
         with self._lock:

@@ -13,8 +13,7 @@ blocks undo whatever the parked call had reserved.
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -22,9 +21,8 @@ Owner = tuple[bytes, int]
 Wait = Generator[float | None, bool, T]
 
 
-@dataclass(frozen=True, slots=True)
-class Ctx:
-    """The caller of a hosted method: session, thread tag, fencing token sent, current time."""
+class Ctx(NamedTuple):
+    """The caller of a hosted method: session, thread tag, current time, fencing token sent."""
 
     session: bytes
     thread: int

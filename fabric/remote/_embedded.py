@@ -1,7 +1,8 @@
 """The cluster a Manager starts when given no address: broker, object host, worker node.
 
 The broker runs on a thread of this process with the built-in object host in its
-loop; the worker node is a child process (``fabric worker``) with one task
+loop (the Manager's own calls run straight in it, see ``Broker.call_local``);
+the worker node is a child process (``fabric worker``) with one task
 process per core. The node dies with this process (PR_SET_PDEATHSIG, passed
 down to its task processes), so nothing outlives the Manager.
 
@@ -45,11 +46,11 @@ class EmbeddedCluster:
             processes or os.cpu_count() or 1
         )
         try:
-            self._broker = Broker(
+            self.broker = Broker(
                 bind="tcp://127.0.0.1:0", keys=keyring, services=[BuiltinHostService()]
             )
-            self._broker.start()
-            self.address: str = self._broker.address
+            self.broker.start()
+            self.address: str = self.broker.address
             assert self._node.stdin is not None
             self._node.stdin.write(f"{self.address}\n".encode())
             self._node.stdin.close()
@@ -92,4 +93,4 @@ class EmbeddedCluster:
                 except subprocess.TimeoutExpired:
                     log.warning("embedded worker node %d did not stop on %s", node.pid, sig.name)
             node.wait()
-        self._broker.close()
+        self.broker.close()

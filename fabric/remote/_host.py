@@ -174,7 +174,7 @@ class ObjectHost:
 
     def _cached(self, session: bytes, seq: int, now: float) -> list[Reply] | None:
         """Answer a re-sent request from the reply cache (or with nothing while it is parked)."""
-        state = self._sessions.setdefault(session, _Session())
+        state = self._session(session)
         if seq in state.replies:
             ok, payload = state.replies[seq]
             return [(session, seq, ok, payload)]
@@ -294,7 +294,7 @@ class ObjectHost:
             else:
                 result = func(*args, **kwargs)
             if entry.spec.hosted and inspect.isgenerator(result):
-                parked = _Parked(session, seq, obj_id, cast(Wait[Any], result), None)
+                parked = _Parked(session, seq, obj_id, cast("Wait[Any]", result), None)
                 return self._resume(parked, None, now) + self._wake(obj_id, now)
             result = self._wrap(entry.spec, method, result, session)
         except Exception as exc:
@@ -311,8 +311,6 @@ class ObjectHost:
     # --- parked calls ------------------------------------------------------------------
     def _resume(self, parked: _Parked, timed_out: bool | None, now: float) -> list[Reply]:
         """Advance a parked generator once; reply if it finished, (re)park it if not."""
-        queue = self._parked.setdefault(parked.obj_id, [])
-        state = self._sessions.setdefault(parked.session, _Session())
         try:
             limit = next(parked.gen) if timed_out is None else parked.gen.send(timed_out)
             while limit is not None and limit <= now:  # already due: time out at once
@@ -323,15 +321,19 @@ class ObjectHost:
             ok, payload = False, encode_error(exc, _format(exc))
         else:
             parked.limit = limit
+            queue = self._parked.setdefault(parked.obj_id, [])
             if parked not in queue:
                 queue.append(parked)
-                state.parked.add(parked.seq)
+                self._session(parked.session).parked.add(parked.seq)
             return []
-        if parked in queue:
-            queue.remove(parked)
-        state.parked.discard(parked.seq)
-        if not queue:
-            self._parked.pop(parked.obj_id, None)
+        waiting = self._parked.get(parked.obj_id)
+        if waiting is not None and parked in waiting:
+            waiting.remove(parked)
+            if not waiting:
+                del self._parked[parked.obj_id]
+        state = self._sessions.get(parked.session)
+        if state is not None:
+            state.parked.discard(parked.seq)
         return [self._finish(parked.session, parked.seq, ok, payload)]
 
     def _wake(self, obj_id: str, now: float) -> list[Reply]:
@@ -347,8 +349,14 @@ class ObjectHost:
                     progress = True
         return replies
 
+    def _session(self, session: bytes) -> _Session:
+        state = self._sessions.get(session)
+        if state is None:
+            state = self._sessions[session] = _Session()
+        return state
+
     def _finish(self, session: bytes, seq: int, ok: bool, payload: bytes) -> Reply:
-        state = self._sessions.setdefault(session, _Session())
+        state = self._session(session)
         state.replies[seq] = (ok, payload)
         while len(state.replies) > self._reply_cache:
             state.replies.popitem(last=False)

@@ -112,8 +112,16 @@ class Manager:
     def _open(self, role: str, name: str, host: ObjectHost | None = None) -> Connection:
         assert self._address is not None
         curve = self._curve()
+        # a broker embedded in this process takes our object calls in the calling thread
+        local = self._cluster.broker if self._cluster is not None else None
         return Connection(
-            self._address, curve=curve, role=role, name=name, host=host, timeout=self._timeout
+            self._address,
+            curve=curve,
+            role=role,
+            name=name,
+            host=host,
+            timeout=self._timeout,
+            local=local,
         )
 
     def _curve(self) -> Curve | None:

@@ -7,6 +7,7 @@ connection to the same broker (see ``_connections``).
 
 from __future__ import annotations
 
+import pickle
 import threading
 from typing import Any, ClassVar, Protocol
 
@@ -37,9 +38,22 @@ class Transport(Protocol):
         ...
 
 
+# Values plain pickle writes exactly as cloudpickle does, ~8x faster (no Pickler subclass).
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+
+
 def dumps(value: Any) -> bytes:
     """Pickle a user value for the host (cloudpickle, so __main__ classes travel too)."""
+    if type(value) in _PLAIN:
+        return pickle.dumps(value, protocol=5)
     return cloudpickle.dumps(value, protocol=5)  # type: ignore[no-any-return]
+
+
+def _dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any], token: int | None) -> bytes:
+    envelope = (args, kwargs, threading.get_ident(), token)
+    if not kwargs and all(type(arg) in _PLAIN for arg in args):
+        return pickle.dumps(envelope, protocol=5)
+    return cloudpickle.dumps(envelope, protocol=5)  # type: ignore[no-any-return]
 
 
 def loads(blob: bytes) -> Any:
@@ -87,7 +101,7 @@ class BaseProxy:
         **kwargs: Any,
     ) -> Any:
         """Call ``method`` on the host, which may park it ``wait`` seconds (None: forever)."""
-        payload = dumps((args, kwargs, threading.get_ident(), token))
+        payload = _dumps_call(args, kwargs, token)
         reply = self._conn.call(self._ref.host, self._ref.obj_id, method, payload, wait)
         return decode_reply(reply)
 

@@ -424,3 +424,27 @@ def test_sessions_past_the_limit_are_refused(start_broker: Start) -> None:
         assert (refuse.code, refuse.reason) == ("busy", "the broker holds 1 sessions")
         first.send(p.Status())
         assert first.expect(p.Stats).stats["sessions"] == 1
+
+
+def test_a_local_call_runs_in_the_callers_thread_and_others_hear_through_the_loop(
+    start_broker: Start,
+) -> None:
+    service = CountingService()
+    broker = start_broker(services=[service])
+    with peers(broker.address) as make:
+        client, host, worker = make(), make(), make()
+        client.hello("client")
+        host.hello("host", "h1")
+        worker.hello("worker", capacity=0)
+        replies = broker.call_local(client.session, p.Call("", 1, "o1", "get"))
+        assert replies == [p.Reply(1, "ok", payload=(b"1",))]
+        assert service.calls == [(client.session, p.Call("", 1, "o1", "get"))]
+        # a call for a host peer is forwarded by the loop; its reply comes over the socket
+        assert broker.call_local(client.session, p.Call("h1", 2, "o2", "get")) == []
+        assert host.expect(p.Call) == p.Call("h1", 2, "o2", "get", client.session)
+        host.send(p.Reply(2, "ok", session=client.session, payload=(b"v",)))
+        assert client.expect(p.Reply) == p.Reply(2, "ok", payload=(b"v",))
+        for stranger in (worker.session, b"x" * 16):  # a worker may not call; nobody's session
+            with pytest.raises(LookupError):
+                broker.call_local(stranger, p.Call("", 3, "o1", "get"))
+    assert len(service.calls) == 1

@@ -162,3 +162,24 @@ def test_a_client_of_another_runtime_is_refused_naming_both(cluster: Cluster) ->
     same = Runtime(python=platform.python_version(), cloudpickle=cloudpickle.__version__)
     with Connection(cluster.address, curve=curve, runtime=same) as conn:
         conn.check_runtime()
+
+
+def relay(inbox: Any, outbox: Any) -> None:
+    outbox.put(inbox.get(timeout=30) * 2)
+
+
+def test_the_embedded_managers_in_thread_calls_meet_calls_over_sockets() -> None:
+    # this process owns the broker: its calls run in the calling thread, a task's on its socket
+    with Manager(processes=1) as mgr:
+        inbox, outbox, lock = mgr.Queue(), mgr.Queue(), mgr.Lock()
+        future = mgr.Executor().submit(relay, inbox, outbox)
+        inbox.put(21)
+        assert outbox.get(timeout=30) == 42
+        assert future.result(timeout=30) is None
+        assert lock.acquire(timeout=5)
+        got: list[bool] = []
+        waiter = threading.Thread(target=lambda: got.append(lock.acquire(timeout=30)))
+        waiter.start()
+        lock.release()  # the waiter's parked acquire is answered to its own thread
+        waiter.join(30)
+        assert got == [True]

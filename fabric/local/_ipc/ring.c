@@ -71,6 +71,8 @@
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
+#include "bufferproxy.h"
+#include "codec.h"
 #include "futex.h"
 
 #define RING_MAGIC 0x21474e4952424146ULL /* "FABRING!" */
@@ -143,9 +145,21 @@ _Static_assert(offsetof(hdr_t, head) % 64 == 0, "head not on its own line");
 /* The calling process's pid, refreshed in fork children: getpid() is a real
  * system call and sits on every put. */
 static _Atomic uint32_t my_pid;
-static void refresh_pid(void) { atomic_store_explicit(&my_pid, (uint32_t)getpid(), memory_order_relaxed); }
+/* The calling thread's id, likewise cached (gettid() is a system call too;
+ * 0: not looked up yet in this thread). */
+static _Thread_local uint32_t my_tid;
+static void refresh_pid(void)
+{
+    atomic_store_explicit(&my_pid, (uint32_t)getpid(), memory_order_relaxed);
+    my_tid = 0; /* the fork child's only thread has a new id */
+}
 static inline uint32_t me(void) { return atomic_load_explicit(&my_pid, memory_order_relaxed); }
-static inline uint64_t my_token(void) { return ((uint64_t)me() << 32) | (uint32_t)gettid(); }
+static inline uint64_t my_token(void)
+{
+    if (my_tid == 0)
+        my_tid = (uint32_t)gettid();
+    return ((uint64_t)me() << 32) | my_tid;
+}
 
 static inline void cpu_relax(void)
 {
@@ -336,11 +350,15 @@ static inline void stamp_writing(Ring *r, uint64_t pos, uint32_t info)
 
 /* Try to reserve a record for a payload described by `info` and stamp it.
  * stream_owner: the caller holds wstream; stream_flag: the stream stays open
- * after this fragment. Stamping right after the CAS, in the same call, keeps
- * the unstamped window a few instructions long (never across a GIL wait). */
-static int try_reserve(Ring *r, uint32_t info, int stream_owner, int stream_flag, uint64_t *pos)
+ * after this fragment; need: free bytes required (at least the record's;
+ * more to make room for a whole stream at once). Stamping right after the
+ * CAS, in the same call, keeps the unstamped window a few instructions long
+ * (never across a GIL wait). */
+static int try_reserve(Ring *r, uint32_t info, int stream_owner, int stream_flag, uint64_t need, uint64_t *pos)
 {
     uint32_t size = rec_size(INFO_LEN(info));
+    if (need < size)
+        need = size;
     for (unsigned spins = 0;; spins++) {
         uint64_t lo, hi;
         tail_load(r, &lo, &hi);
@@ -353,7 +371,7 @@ static int try_reserve(Ring *r, uint32_t info, int stream_owner, int stream_flag
         if (HI_STREAM(hi) && !stream_owner)
             return RC_STREAM;
         uint64_t head = atomic_load_explicit(&r->h->head, memory_order_acquire);
-        if (lo + size - head > r->cap)
+        if (lo + need - head > r->cap)
             return RC_SPACE;
         if (tail_cas(r, lo, hi, lo + size, TAIL_HI(me(), stream_flag, INFO_FRAG(info), size))) {
             stamp_writing(r, lo, info);
@@ -650,7 +668,7 @@ typedef struct {
     uint32_t info;
     int stream_owner, stream_flag, need_slot, have_slot;
     unsigned tries;
-    uint64_t pos;
+    uint64_t need, pos;
 } put_arg;
 
 static int attempt_put(Ring *r, void *a, int slow)
@@ -661,7 +679,7 @@ static int attempt_put(Ring *r, void *a, int slow)
             return RC_FULL;
         p->have_slot = 1;
     }
-    int rc = try_reserve(r, p->info, p->stream_owner, p->stream_flag, &p->pos);
+    int rc = try_reserve(r, p->info, p->stream_owner, p->stream_flag, p->need, &p->pos);
     if (rc == RC_OK)
         return rc;
     if (p->have_slot) { /* never sit on a slot while waiting */
@@ -743,7 +761,7 @@ static int put_message(Ring *r, seg_t *segs, int nseg, size_t len, unsigned kind
     cursor_t cur = {segs, nseg, 0, 0};
     int nogil = len >= NOGIL_COPY;
     if (len <= r->h->max_frag) {
-        put_arg p = {INFO(len, kind, F_WHOLE), 0, 0, 1, 0, 0, 0};
+        put_arg p = {INFO(len, kind, F_WHOLE), 0, 0, 1, 0, 0, 0, 0};
         int rc = reserve(r, &p, timeout);
         if (rc != RC_OK)
             return rc;
@@ -751,7 +769,18 @@ static int put_message(Ring *r, seg_t *segs, int nseg, size_t len, unsigned kind
         atomic_fetch_add_explicit(&r->h->puts, 1, memory_order_relaxed);
         return RC_OK;
     }
-    /* streamed: FIRST carries the total length ahead of its data */
+    /* Streamed: FIRST carries the total length ahead of its data. A put
+     * that may give up (block=False, a timeout) must never do so half way,
+     * which would lose the message. If the whole stream fits the ring, its
+     * FIRST waits for room for all of it (no other producer can reserve
+     * while our stream flag is in tail, and room only grows), so the later
+     * fragments never wait. If it does not fit, block=False fails at once
+     * and a timeout bounds only the wait for the start. */
+    size_t max_frag = r->h->max_frag, first = max_frag - 8, rest = len - first;
+    uint64_t whole = rec_size((uint32_t)max_frag) * (uint64_t)(rest / max_frag);
+    whole += rec_size((uint32_t)max_frag) + (rest % max_frag ? rec_size((uint32_t)(rest % max_frag)) : 0);
+    if (timeout == 0 && whole > r->cap)
+        return RC_FULL;
     double deadline = timeout < 0 ? -1 : fx_now() + timeout;
     int rc = acquire_wstream(r, NULL, 0);
     if (rc != RC_OK && timeout != 0)
@@ -766,17 +795,19 @@ static int put_message(Ring *r, seg_t *segs, int nseg, size_t len, unsigned kind
     unsigned frag = F_FIRST;
     while (left || frag == F_FIRST) {
         size_t extra = frag == F_FIRST ? 8 : 0;
-        size_t chunk = r->h->max_frag - extra;
+        size_t chunk = max_frag - extra;
         if (chunk >= left)
             chunk = left;
         unsigned role = frag == F_FIRST ? F_FIRST : (chunk == left ? F_LAST : F_MID);
-        put_arg p = {INFO(chunk + extra, kind, role), 1, role != F_LAST, role == F_FIRST, 0, 0, 0};
+        put_arg p = {INFO(chunk + extra, kind, role), 1, role != F_LAST, role == F_FIRST, 0, 0,
+                     role == F_FIRST && timeout >= 0 && whole <= r->cap ? whole : 0, 0};
         double t = deadline < 0 ? -1 : deadline - fx_now();
         rc = reserve(r, &p, t < 0 && deadline >= 0 ? 0 : t);
-        if (rc != RC_OK) {
+        if (rc != RC_OK) { /* nothing written yet, or a Python error */
             abort_stream(r);
             return rc;
         }
+        deadline = -1; /* started: finish the message */
         rec_t *rec = rec_at(r, p.pos);
         Py_BEGIN_ALLOW_THREADS
         uint64_t at = p.pos + REC_HDR;
@@ -1146,21 +1177,86 @@ static int plain(PyObject *obj, int depth)
     return 0;
 }
 
-/* put(obj, block=True, timeout=None): pickle obj (protocol 5, out-of-band
- * buffers copied straight into the ring) and put it; bytes go raw. */
-static PyObject *Ring_put(Ring *self, PyObject *args, PyObject *kw)
+/* Unpack vectorcall arguments for the parameters `names` (the first
+ * `required` of them mandatory) into out[] as borrowed references, NULL for
+ * an absent one: put/get are called per message, so no tuple, no dict. */
+static int unpack_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                       const char *const *names, int n, int required, PyObject **out)
 {
-    static char *kwlist[] = {"obj", "block", "timeout", NULL};
-    PyObject *obj, *timeout = NULL;
-    int block = 1, err;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|pO:put", kwlist, &obj, &block, &timeout))
+    if (nargs > n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", fn, n, nargs);
+        return -1;
+    }
+    for (int i = 0; i < n; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int i = 0;
+        while (i < n && PyUnicode_CompareWithASCIIString(key, names[i]) != 0)
+            i++;
+        if (i == n) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fn, key);
+            return -1;
+        }
+        if (out[i] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fn, names[i]);
+            return -1;
+        }
+        out[i] = args[nargs + k];
+    }
+    for (int i = 0; i < required; i++) {
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* block and timeout arguments (either may be NULL: absent) -> seconds to
+ * wait (0: don't, < 0: forever); -1 with *err set on a bad argument. */
+static double block_timeout(PyObject *block, PyObject *timeout, int *err)
+{
+    int b = block == NULL ? 1 : PyObject_IsTrue(block);
+    if (b < 0) {
+        *err = 1;
+        return -1;
+    }
+    return parse_timeout(b, timeout, err);
+}
+
+#define CODEC_BUF 1024 /* encoded on the stack up to this size; bigger goes to pickle */
+
+static PyObject *put_object(Ring *self, PyObject *obj, double t);
+
+/* put(obj, block=True, timeout=None): put obj (see put_object). */
+static PyObject *Ring_put(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"obj", "block", "timeout"};
+    PyObject *a[3];
+    int err;
+    if (unpack_args("put", args, nargs, kwnames, names, 3, 1, a) < 0)
         return NULL;
-    double t = parse_timeout(block, timeout, &err);
+    double t = block_timeout(a[1], a[2], &err);
     if (err)
         return NULL;
+    return put_object(self, a[0], t);
+}
+
+/* Pickle obj (protocol 5, out-of-band buffers copied straight into the
+ * ring) and put it; bytes go raw, small plain objects through the codec. */
+static PyObject *put_object(Ring *self, PyObject *obj, double t)
+{
     if (PyBytes_CheckExact(obj)) {
         seg_t seg = {(const uint8_t *)PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj)};
         return put_result(self, put_message(self, &seg, 1, seg.len, K_RAW, t));
+    }
+    char buf[CODEC_BUF];
+    Py_ssize_t len = codec_encode(obj, buf, sizeof buf);
+    if (len >= 0) {
+        seg_t seg = {(const uint8_t *)buf, (size_t)len};
+        return put_result(self, put_message(self, &seg, 1, seg.len, K_PICKLE, t));
     }
     if (plain(obj, 1)) {
         /* nothing here can produce an out-of-band buffer: skip the callback */
@@ -1242,8 +1338,12 @@ static PyObject *decode(Ring *self, unsigned kind, PyObject *payload)
 {
     if (kind == K_RAW)
         return Py_NewRef(payload);
-    if (kind == K_PICKLE)
+    if (kind == K_PICKLE) {
+        PyObject *obj = codec_decode(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload));
+        if (obj != NULL || PyErr_Occurred())
+            return obj;
         return PyObject_CallOneArg(self->loads, payload);
+    }
     /* OOB: payload is a bytearray; buffers are writable views into it */
     char *p = PyByteArray_AS_STRING(payload);
     size_t len = (size_t)PyByteArray_GET_SIZE(payload);
@@ -1325,9 +1425,12 @@ static PyObject *get_payload(Ring *self, double timeout, int check_peer, int sid
                 size_t len = INFO_LEN(g.c.info);
                 const uint8_t *p = contiguous(self, g.c.pos + REC_HDR, len);
                 if (p != NULL) {
-                    PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)len, PyBUF_READ);
-                    PyObject *obj = mv ? PyObject_CallOneArg(self->loads, mv) : NULL;
-                    Py_XDECREF(mv);
+                    PyObject *obj = codec_decode((const char *)p, (Py_ssize_t)len);
+                    if (obj == NULL && !PyErr_Occurred()) {
+                        PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)len, PyBUF_READ);
+                        obj = mv ? PyObject_CallOneArg(self->loads, mv) : NULL;
+                        Py_XDECREF(mv);
+                    }
                     release(self, &g.c);
                     *kind = K_RAW; /* already decoded */
                     return obj;
@@ -1343,14 +1446,14 @@ static PyObject *get_payload(Ring *self, double timeout, int check_peer, int sid
     }
 }
 
-static PyObject *Ring_get(Ring *self, PyObject *args, PyObject *kw)
+static PyObject *Ring_get(Ring *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static char *kwlist[] = {"block", "timeout", NULL};
-    int block = 1, err;
-    PyObject *timeout = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|pO:get", kwlist, &block, &timeout))
+    static const char *const names[] = {"block", "timeout"};
+    PyObject *a[2];
+    int err;
+    if (unpack_args("get", args, nargs, kwnames, names, 2, 0, a) < 0)
         return NULL;
-    double t = parse_timeout(block, timeout, &err);
+    double t = block_timeout(a[0], a[1], &err);
     if (err)
         return NULL;
     unsigned kind;
@@ -1603,12 +1706,7 @@ static PyObject *Ring_send(Ring *self, PyObject *const *args, Py_ssize_t nargs)
         }
         return put_result(self, rc);
     }
-    PyObject *a = PyTuple_Pack(1, args[0]);
-    if (a == NULL)
-        return NULL;
-    PyObject *res = Ring_put(self, a, NULL);
-    Py_DECREF(a);
-    return res;
+    return put_object(self, args[0], -1);
 }
 
 static PyObject *Ring_futex_word(Ring *Py_UNUSED(self), PyObject *Py_UNUSED(ignored))
@@ -1618,11 +1716,11 @@ static PyObject *Ring_futex_word(Ring *Py_UNUSED(self), PyObject *Py_UNUSED(igno
 }
 
 static PyMethodDef Ring_methods[] = {
-    {"put", (PyCFunction)(void (*)(void))Ring_put, METH_VARARGS | METH_KEYWORDS,
+    {"put", (PyCFunction)(void (*)(void))Ring_put, METH_FASTCALL | METH_KEYWORDS,
      "Pickle obj and put it; bytes go as they are."},
     {"put_bytes", (PyCFunction)(void (*)(void))Ring_put_bytes, METH_VARARGS | METH_KEYWORDS,
      "Put a bytes-like object as a raw message."},
-    {"get", (PyCFunction)(void (*)(void))Ring_get, METH_VARARGS | METH_KEYWORDS, "Remove and return a message."},
+    {"get", (PyCFunction)(void (*)(void))Ring_get, METH_FASTCALL | METH_KEYWORDS, "Remove and return a message."},
     {"recv", (PyCFunction)Ring_recv, METH_VARARGS, "Pipe receive; EOFError when the writers are gone."},
     {"send", (PyCFunction)(void (*)(void))Ring_send, METH_FASTCALL,
      "Pipe send; BrokenPipeError when the readers are gone."},
@@ -1721,6 +1819,8 @@ static int ring_exec(PyObject *m)
     if (PyType_Ready(&RingType) < 0)
         return -1;
     if (PyModule_AddObjectRef(m, "Ring", (PyObject *)&RingType) < 0)
+        return -1;
+    if (bufferproxy_add(m) < 0)
         return -1;
     if (PyModule_AddIntConstant(m, "HEADER_SIZE", HDR_SIZE) < 0)
         return -1;
