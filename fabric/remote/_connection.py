@@ -79,7 +79,9 @@ ResultCallback = Callable[[str, str, bytes], None]
 class LocalBroker(Protocol):
     """A broker in this very process (``Broker.call_local``): object calls skip the socket."""
 
-    def call_local(self, session: bytes, message: Call | Create) -> list[Reply]: ...
+    def call_local(
+        self, session: bytes, message: Call | Create, parked: Callable[[], object]
+    ) -> list[Reply]: ...
 
 
 class _Latch:
@@ -274,6 +276,10 @@ class Connection:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(10)
+        # a caller still receiving (its call was just failed) lets go within _RETRY_S:
+        # only then may the pipes' fds be closed and reused
+        if self._receiver.acquire(timeout=1.0):
+            self._receiver.release()
         for fd in (self._wake_r, self._wake_w, self._input_r, self._input_w):
             os.close(fd)
         self._context.term()
@@ -299,27 +305,34 @@ class Connection:
 
     def _post_call(self, message: Call | Create) -> _Pending:
         pending = _Pending(message)
+        if self._local is not None and self._call_local(pending):
+            return pending
         with self._lock:
             self._check_open()
             self._calls[message.call] = pending
-        if not self._call_local(message):
-            self._send_or_queue(message)
+        self._send_or_queue(message)
         return pending
 
-    def _call_local(self, message: Call | Create) -> bool:
-        """Apply a call in this thread through a broker of this process; False: use the socket.
+    def _call_local(self, pending: _Pending) -> bool:
+        """Apply a call in this thread through a broker of this process; False: use the socket."""
+        assert self._local is not None
+        self._check_open()
+        message = pending.message
 
-        The call is registered in ``_calls`` first, so a reply that comes later
-        over the socket (a parked call) finds its waiter.
-        """
-        if self._local is None:
-            return False
+        def parked() -> None:  # under the broker's lock: a later reply finds its waiter
+            with self._lock:
+                self._calls[message.call] = pending
+
         try:
-            replies = self._local.call_local(self.session, message)
+            replies = self._local.call_local(self.session, message, parked)
         except LookupError:  # no session there yet (or any more): the socket path re-sends
             return False
         for reply in replies:
-            self._replied(reply)
+            if reply.call == message.call:
+                pending.reply = reply
+                pending.done.set()
+            else:
+                self._replied(reply)
         return True
 
     def _post(self, message: Message) -> None:
