@@ -31,9 +31,9 @@ import enum
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from fabric.broker.acks import Acks
 from fabric.broker.protocol import (
     SESSION_BYTES,
-    Ack,
     Cancel,
     Dispatch,
     Message,
@@ -99,6 +99,7 @@ class Scheduler:
         self._expired: OrderedDict[bytes, Result] = OrderedDict()
         self._dropped: list[bytes] = []  # expired since the last drop_expired()
         self._tombstones: OrderedDict[bytes, float] = OrderedDict()
+        self._acks = Acks()
         self._bytes = 0
         self._turns = 0
         self._counts = {"done": 0, "failed": 0, "retries": 0, "duplicates": 0, "busy": 0}
@@ -162,6 +163,7 @@ class Scheduler:
         """
         self._deadlines.pop(session, None)
         self._seen.pop(session, None)
+        self._acks.drop(session)
         outs: list[Out] = []
         worker = self._workers.pop(session, None)
         if worker is not None:
@@ -207,7 +209,8 @@ class Scheduler:
         """Take a client's SUBMIT; on ACCEPTED the caller journals it, then sends the ACK."""
         key = task_key(session, task)
         if key in self._tasks or key in self._expired:
-            return Admission.KNOWN, [(session, Ack(task=task))]
+            self._acks.submit(session, task)
+            return Admission.KNOWN, []
         if key in self._tombstones:
             reason = f"task {task!r} already completed and acknowledged"
             return Admission.REJECTED, [(session, Reject(task, "duplicate", reason))]
@@ -222,8 +225,8 @@ class Scheduler:
             reject = Reject(task, "busy", reason, limits.busy_retry_after)
             return Admission.REJECTED, [(session, reject)]
         self.restore(session, task, payload, now, requires)
-        # the dispatch is on the result's critical path, the ACK is not: it goes second
-        return Admission.ACCEPTED, [*self._dispatch(), (session, Ack(task=task))]
+        self._acks.submit(session, task)
+        return Admission.ACCEPTED, self._dispatch()
 
     def restore(
         self,
@@ -258,10 +261,10 @@ class Scheduler:
     def result(self, session: bytes, message: Result, now: float) -> list[Out]:
         """Take a worker's RESULT: ACK it, return its credit, and settle the task if it wins.
 
-        The result to the client and the next dispatch come before the ACK to
-        the worker: they are on someone's critical path, the ACK is not.
+        The ACK waits for the next batch (see :meth:`acks`) unless the RESULT
+        returns no credit: a draining worker waits for its ACKs to leave.
         """
-        ack: Out = (session, Ack(task=message.task, attempt=message.attempt))
+        self._acks.result(session, message.task, message.attempt, urgent=message.credit == 0)
         outs: list[Out] = []
         worker = self._workers.get(session)
         if worker is not None:
@@ -270,12 +273,12 @@ class Scheduler:
         if task is None or task.state is State.RESULTED or not 1 <= message.attempt <= task.attempt:
             # already settled, or an attempt never dispatched (not to be trusted)
             self._counts["duplicates"] += 1
-            return [*self._dispatch(), ack]
+            return self._dispatch()
         current = task.worker == session and message.attempt == task.attempt
         if message.status == "crashed":
             if not current:
                 self._counts["duplicates"] += 1
-                return [*self._dispatch(), ack]
+                return self._dispatch()
             assert worker is not None
             outs += self._crashed(task, message.message, worker, now)
         else:
@@ -286,7 +289,7 @@ class Scheduler:
             outs += self._settle(
                 task, message.attempt, message.status, message.message, message.payload, now
             )
-        return [*outs, *self._dispatch(), ack]
+        return [*outs, *self._dispatch()]
 
     def done(self, session: bytes, tasks: tuple[bytes, ...], now: float) -> list[bytes]:
         """Forget the client's acknowledged results; return the keys forgotten (to journal)."""
@@ -331,6 +334,10 @@ class Scheduler:
         if entry.state is State.DISPATCHED and entry.worker is not None:
             return [(entry.worker, Cancel(task=entry.key, attempt=entry.attempt))]
         return []
+
+    def acks(self, everything: bool) -> list[Out]:
+        """Return the batched ACKs due now, or all waiting ones (see ``acks.py``)."""
+        return self._acks.take(everything)
 
     def runnable(self, requires: dict[str, str]) -> bool:
         """Return True if a connected worker satisfies ``requires``, or none is connected."""
@@ -510,6 +517,7 @@ class Scheduler:
         client = self._clients.get(task.owner)
         if client is not None and client.present:
             outs.append((task.owner, task.result))
+            self._acks.resulted(task.owner, task.result.task)
         else:
             self._hold(task.key, now)
         return outs

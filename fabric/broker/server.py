@@ -362,9 +362,11 @@ class Broker:
                     zap.serve()
                 if router in events:
                     self._drain(router, zap, journal, now)
-                if now >= next_tick:
+                ticking = now >= next_tick
+                if ticking:
                     self._tick(now)
                     next_tick = now + period
+                self._outbox += self._sched.acks(everything=ticking)
                 if journal is not None:
                     for key in self._sched.drop_expired():
                         journal.done(key)  # an expired result is never run again
