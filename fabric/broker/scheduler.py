@@ -289,7 +289,7 @@ class Scheduler:
             outs += self._settle(
                 task, message.attempt, message.status, message.message, message.payload, now
             )
-        return [*outs, *self._dispatch()]
+        return [*self._dispatch(), *outs]  # a waiting worker first: it is on the critical path
 
     def done(self, session: bytes, tasks: tuple[bytes, ...], now: float) -> list[bytes]:
         """Forget the client's acknowledged results; return the keys forgotten (to journal)."""
@@ -339,13 +339,20 @@ class Scheduler:
         """Return the batched ACKs due now, or all waiting ones (see ``acks.py``)."""
         return self._acks.take(everything)
 
-    def runnable(self, requires: dict[str, str]) -> bool:
-        """Return True if a connected worker satisfies ``requires``, or none is connected."""
+    def unrunnable(self) -> list[tuple[bytes, Requires]]:
+        """Return the (client, requirements) of queued tasks no connected worker can run.
+
+        Empty while no worker is connected at all: that is a cluster starting up.
+        """
         if not self._workers:
-            return True
-        return any(
-            all(w.labels.get(k) == v for k, v in requires.items()) for w in self._workers.values()
-        )
+            return []
+        return [
+            (owner, requires)
+            for owner, requires in self._lanes
+            if not any(
+                all(w.labels.get(k) == v for k, v in requires) for w in self._workers.values()
+            )
+        ]
 
     def worker_labels(self, key: str) -> set[str]:
         """Return the values of label ``key`` among connected workers."""

@@ -10,8 +10,9 @@ import pytest
 from fabric.broker import protocol as p
 from fabric.broker.keys import Keyring, PeerKeys
 from fabric.broker.scheduler import Limits
-from fabric.broker.server import Broker, is_loopback, runtime_tag
+from fabric.broker.server import Broker, is_loopback
 from fabric.broker.service import Outbox
+from fabric.broker.sessions import runtime_tag
 from fabric.errors import AuthenticationError
 from tests.broker.peers import CP, PY, peers
 
