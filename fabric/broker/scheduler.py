@@ -19,30 +19,24 @@ Invariants, held after every call:
 * the first RESULT taken for a task wins; later ones (a re-run after a
   presumed death, a duplicate) are counted and dropped;
 * ``bytes`` is the payload held (queued calls and undelivered results); with
-  the task count it bounds memory, and SUBMITs past either bound are
-  rejected as ``busy`` (back-pressure).
+  the task count it bounds memory; SUBMITs past either are ``busy`` (back-pressure).
 
-Only ``server.py`` owns sockets and the clock; every method here takes ``now``.
+Lanes and worker choice are in ``lanes.py``, batched ACKs in ``acks.py``. Only ``server.py``
+owns sockets and the clock; every method here takes ``now``.
 """
 
 from __future__ import annotations
 
-import enum
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import OrderedDict
 
 from fabric.broker.acks import Acks
-from fabric.broker.protocol import (
-    SESSION_BYTES,
-    Cancel,
-    Dispatch,
-    Message,
-    Payload,
-    Reject,
-    Result,
-)
+from fabric.broker.expiring import Expiring
+from fabric.broker.lanes import Lanes
+from fabric.broker.protocol import SESSION_BYTES, Cancel, Dispatch, Message, Payload, Reject, Result
 from fabric.broker.tasks import (
+    Admission,
     Client,
+    Limits,
     Requires,
     SchedulerStats,
     State,
@@ -60,45 +54,22 @@ Out = tuple[bytes, Message]
 MAX_CREDIT = 1 << 16
 
 
-class Admission(enum.Enum):
-    """What became of a SUBMIT."""
-
-    ACCEPTED = "accepted"  # new: journal it, then send the ACK
-    KNOWN = "known"  # a re-send of a task still held: ACK again, nothing to journal
-    REJECTED = "rejected"  # busy, duplicate or too large: a REJECT is on its way
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The scheduler's knobs (see ``docs/protocol.md``)."""
-
-    max_tasks: int = 100_000
-    max_bytes: int = 1 << 30
-    max_retries: int = 3
-    poison_limit: int = 3
-    liveness_timeout: float = 10.0
-    result_limit: int = 10_000
-    result_ttl: float = 3600.0
-    tombstone_limit: int = 100_000
-    tombstone_ttl: float = 3600.0
-    busy_retry_after: float = 0.05
-
-
 class Scheduler:
     """The broker's task table, credits, lanes and liveness deadlines. Not thread-safe."""
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self._tasks: dict[bytes, Task] = {}
-        self._lanes: OrderedDict[tuple[bytes, Requires], deque[bytes]] = OrderedDict()
+        self._lanes = Lanes()
         self._workers: dict[bytes, Worker] = {}
         self._clients: dict[bytes, Client] = {}
         self._deadlines: dict[bytes, float] = {}
         self._seen: dict[bytes, float] = {}
-        self._held: OrderedDict[bytes, float] = OrderedDict()  # results for absent clients
+        limits = self.limits
+        self._held = Expiring(limits.result_ttl, limits.result_limit)  # for absent clients
         self._expired: OrderedDict[bytes, Result] = OrderedDict()
         self._dropped: list[bytes] = []  # expired since the last drop_expired()
-        self._tombstones: OrderedDict[bytes, float] = OrderedDict()
+        self._tombstones = Expiring(limits.tombstone_ttl, limits.tombstone_limit)
         self._acks = Acks()
         self._bytes = 0
         self._turns = 0
@@ -143,7 +114,7 @@ class Scheduler:
         client.present = True
         outs: list[Out] = []
         for key in sorted(client.tasks):
-            self._held.pop(key, None)
+            self._held.discard(key)
             task = self._tasks.get(key)
             result = task.result if task is not None else self._expired.get(key)
             if result is not None:
@@ -190,10 +161,9 @@ class Scheduler:
         for session in dead:
             silent = now - self._seen.get(session, now)
             outs += self.remove(session, now, f"no heartbeat for {silent:.1f} s")
-        while self._held and next(iter(self._held.values())) <= now:
-            self._expire(next(iter(self._held)))
-        while self._tombstones and next(iter(self._tombstones.values())) <= now:
-            self._tombstones.popitem(last=False)
+        for key in self._held.due(now):
+            self._expire(key)
+        self._tombstones.due(now)
         return dead, outs
 
     # --- tasks -------------------------------------------------------------------
@@ -314,7 +284,7 @@ class Scheduler:
         entry = self._tasks.get(key)
         if entry is not None:
             if entry.state is State.QUEUED:
-                self._unqueue(entry)
+                self._lanes.remove(entry)
             self._forget(entry)
         client = self._clients.get(key[:SESSION_BYTES])
         if client is not None:
@@ -402,7 +372,7 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the table is inconsistent (tests call it after each step)."""
-        queued = [k for lane in self._lanes.values() for k in lane]
+        queued = self._lanes.queued()
         assert len(queued) == len(set(queued)), "a task is queued twice"
         for key, task in self._tasks.items():
             assert (key in queued) == (task.state is State.QUEUED), f"lane/state of {key!r}"
@@ -414,41 +384,18 @@ class Scheduler:
             for key in worker.running:
                 assert self._tasks[key].worker == worker.session
         assert self._bytes == sum(t.size for t in self._tasks.values()), "byte count"
-        assert all(lane for lane in self._lanes.values()), "an empty lane"
+        self._lanes.check()
 
     # --- internals ---------------------------------------------------------------
 
     def _enqueue(self, task: Task, *, front: bool) -> None:
         task.state = State.QUEUED
-        lane = self._lanes.get(task.lane)
-        if lane is None:
-            lane = self._lanes[task.lane] = deque()
-        if front:
-            lane.appendleft(task.key)
-        else:
-            lane.append(task.key)
-
-    def _unqueue(self, task: Task) -> None:
-        lane = self._lanes[task.lane]
-        lane.remove(task.key)
-        if not lane:
-            del self._lanes[task.lane]
+        self._lanes.push(task, front=front)
 
     def _dispatch(self) -> list[Out]:
         outs: list[Out] = []
-        while self._lanes:
-            for lane_key in self._lanes:
-                worker = self._pick(lane_key[1])
-                if worker is not None:
-                    break
-            else:
-                return outs
-            lane = self._lanes[lane_key]
-            key = lane.popleft()
-            if lane:
-                self._lanes.move_to_end(lane_key)
-            else:
-                del self._lanes[lane_key]
+        while (taken := self._lanes.take(self._workers)) is not None:
+            key, worker = taken
             task = self._tasks[key]
             task.state, task.worker = State.DISPATCHED, worker.session
             worker.running.add(key)
@@ -457,15 +404,6 @@ class Scheduler:
             worker.turn = self._turns
             outs.append((worker.session, Dispatch(key, task.attempt, task.payload)))
         return outs
-
-    def _pick(self, requires: Requires) -> Worker | None:
-        best: Worker | None = None
-        for worker in self._workers.values():
-            if worker.credit <= 0 or any(worker.labels.get(k) != v for k, v in requires):
-                continue
-            if best is None or (worker.credit, -worker.turn) > (best.credit, -best.turn):
-                best = worker
-        return best
 
     def _requeue(self, task: Task, worker: Worker, reason: str | None, now: float) -> list[Out]:
         worker.running.discard(task.key)
@@ -510,7 +448,7 @@ class Scheduler:
     ) -> list[Out]:
         outs: list[Out] = []
         if task.state is State.QUEUED:
-            self._unqueue(task)
+            self._lanes.remove(task)
         elif task.worker is not None:
             # a late result of an earlier attempt won: stop the re-run
             self._workers[task.worker].running.discard(task.key)
@@ -530,13 +468,11 @@ class Scheduler:
         return outs
 
     def _hold(self, key: bytes, now: float) -> None:
-        self._held[key] = now + self.limits.result_ttl
-        self._held.move_to_end(key)
-        while len(self._held) > self.limits.result_limit:
-            self._expire(next(iter(self._held)))
+        for old in self._held.add(key, now):
+            self._expire(old)
 
     def _expire(self, key: bytes) -> None:
-        self._held.pop(key, None)
+        self._held.discard(key)
         task = self._tasks.get(key)
         if task is None:
             return
@@ -552,14 +488,11 @@ class Scheduler:
 
     def _forget(self, task: Task) -> None:
         del self._tasks[task.key]
-        self._held.pop(task.key, None)
+        self._held.discard(task.key)
         self._bytes -= task.size
 
     def _tombstone(self, key: bytes, now: float) -> None:
-        self._tombstones[key] = now + self.limits.tombstone_ttl
-        self._tombstones.move_to_end(key)
-        while len(self._tombstones) > self.limits.tombstone_limit:
-            self._tombstones.popitem(last=False)
+        self._tombstones.add(key, now)
 
     def _drop_client_if_idle(self, session: bytes) -> None:
         client = self._clients.get(session)
