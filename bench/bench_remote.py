@@ -3,7 +3,10 @@
 Every row is measured in the same run on this machine:
 
 * managed dict ``d[k] = v`` and Queue ``put``+``get`` round trips: fabric's
-  embedded Manager against ``multiprocessing.managers.SyncManager`` over TCP;
+  embedded Manager (whose calls run in its own broker, in the calling thread)
+  against ``multiprocessing.managers.SyncManager`` over TCP, plus the same
+  loops run in one of fabric's task processes, whose calls cross the socket
+  (TCP + CURVE) to the broker like any remote client's;
 * no-op task throughput (``submit`` and ``map``) with 2 worker processes, and
   the single-task round trip, against a raw pyzmq floor: a ROUTER broker
   thread handing pickled calls to 2 DEALER worker processes, no journal, no
@@ -125,6 +128,24 @@ def _per_op(count: int, body: Any) -> float:
     return 1e6 / rate(count, body)
 
 
+def _sets(d: Any, count: int = N_OPS) -> float:
+    """Set ``d["k"]`` ``count`` times; return ops/s (run here or in a task process)."""
+    start = time.perf_counter()
+    for i in range(count):
+        d["k"] = i
+    return count / (time.perf_counter() - start)
+
+
+def _puts_gets(q: Any, count: int = N_OPS) -> float:
+    """Put ``count // 2`` items, then get them; return items/s."""
+    start = time.perf_counter()
+    for i in range(count // 2):
+        q.put(i)
+    for _ in range(count // 2):
+        q.get()
+    return count / (time.perf_counter() - start)
+
+
 def _dict_table(repeats: int, mgr: Manager, sync: mpm.SyncManager) -> list[Table]:
     ops = Table("Managed dict: d[k] = v, one client", "ops/s", baseline="SyncManager (TCP)")
     queue_t = Table("Managed Queue: put + get, one client", "items/s", baseline="SyncManager (TCP)")
@@ -132,19 +153,17 @@ def _dict_table(repeats: int, mgr: Manager, sync: mpm.SyncManager) -> list[Table
         ("SyncManager (TCP)", sync.dict(), sync.Queue()),  # type: ignore[attr-defined]
         ("fabric Manager", mgr.dict(), mgr.Queue()),
     ):
-
-        def sets(d: Any = d) -> None:
-            for i in range(N_OPS):
-                d["k"] = i
-
-        def puts(q: Any = q) -> None:
-            for i in range(N_OPS // 2):
-                q.put(i)
-            for _ in range(N_OPS // 2):
-                q.get()
-
-        ops.add(name, repeat(lambda sets=sets: rate(N_OPS, sets), repeats))
-        queue_t.add(name, repeat(lambda puts=puts: rate(N_OPS, puts), repeats))
+        ops.add(name, repeat(lambda d=d: _sets(d), repeats))
+        queue_t.add(name, repeat(lambda q=q: _puts_gets(q), repeats))
+    remote = "fabric, from a task process (TCP + CURVE)"
+    ex, d, q = mgr.Executor(), mgr.dict(), mgr.Queue()
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)  # task processes need not import bench/
+    try:
+        ops.add(remote, repeat(lambda: ex.submit(_sets, d).result(timeout=120), repeats))
+        queue_t.add(remote, repeat(lambda: ex.submit(_puts_gets, q).result(timeout=120), repeats))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
     return [ops, queue_t]
 
 

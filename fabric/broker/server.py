@@ -227,7 +227,12 @@ class Broker:
         with self._lock:
             return self._statistics()
 
-    def call_local(self, session: bytes, message: p.Create | p.Call) -> list[p.Reply]:
+    def call_local(
+        self,
+        session: bytes,
+        message: p.Create | p.Call,
+        parked: Callable[[], object] = lambda: None,
+    ) -> list[p.Reply]:
         """Route an object call of a live session of this process in the calling thread.
 
         For a client in the process that owns the broker (the embedded Manager):
@@ -235,10 +240,12 @@ class Broker:
         on the socket, without the four thread wake-ups of the round trip. The
         session was authenticated by its HELLO; holding this Broker object is
         the proof that the caller lives in this process. Return the replies
-        addressed to ``session`` (possibly none yet: a parked call is answered
-        later, over its socket). Messages for other peers go out through the
-        loop. Thread-safe. Raise LookupError if ``session`` is not open here
-        (send the call over the socket instead).
+        addressed to ``session``; if none answers ``message``, ``parked`` is
+        called before the lock is let go (the call is answered later, over
+        the session's socket, so the caller registers its waiter there).
+        Messages for other peers go out through the loop. Thread-safe. Raise
+        LookupError if ``session`` is not open here (send the call over the
+        socket instead).
         """
         with self._lock:
             peer = self._sessions.by_id.get(session)
@@ -252,6 +259,8 @@ class Broker:
                 else:
                     self._sessions.outbox.append((sid, out))
                     others = True
+            if all(reply.call != message.call for reply in mine):
+                parked()
         if others:
             self._poke()
         return mine

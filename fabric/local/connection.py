@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import select
 import threading
 import time
@@ -76,6 +75,25 @@ class Connection:
         self._finalizer = weakref.finalize(self, _detach, list(self._sides), os.getpid())
         self._bell: _Doorbell | None = None
         _open_ends.add(self)
+        self._bind_fast_paths()
+
+    def _bind_fast_paths(self) -> None:
+        # The public send/recv methods call these four: the ring's C methods
+        # (same arguments and errors) while this end is open, else the slow
+        # versions of the class, which raise the right error or re-arm the
+        # doorbell. close() unbinds them all, fileno() the receiving ones.
+        # (Binding the public names themselves would save one more call, but
+        # then `send = conn.send` would not keep the end open.)
+        if self._writer is not None:
+            ring = self._writer.ring
+            self.__dict__.update(_send=ring.send, _send_bytes=ring.send_bytes)
+        if self._reader is not None and self._bell is None:
+            ring = self._reader.ring
+            self.__dict__.update(_recv=ring.recv, _recv_bytes=ring.recv_bytes)
+
+    def _unbind_fast_paths(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            self.__dict__.pop(name, None)
 
     def __reduce__(self) -> tuple[Any, ...]:
         self._check_open()
@@ -118,6 +136,7 @@ class Connection:
 
     def close(self) -> None:
         """Close this end in this process (idempotent)."""
+        self._unbind_fast_paths(("_send", "_send_bytes", "_recv", "_recv_bytes"))
         if self._bell is not None:
             self._bell.close()
             self._bell = None
@@ -140,27 +159,17 @@ class Connection:
         Blocks only while the ring is full; ``BrokenPipeError`` if nobody
         holds the other end any more.
         """
-        self._check_writable().send(obj, False)
+        self._send(obj)
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
-        """Send ``size`` bytes of a bytes-like object, from ``offset``."""
-        ring = self._check_writable()
-        if offset == 0 and size is None and type(buf) is bytes:
-            ring.send(buf, True)
-            return
-        view = memoryview(buf).cast("B")
-        n = len(view)
-        if offset < 0:
-            raise ValueError("offset is negative")
-        if n < offset:
-            raise ValueError("buffer length < offset")
-        if size is None:
-            size = n - offset
-        elif size < 0:
-            raise ValueError("size is negative")
-        elif offset + size > n:
-            raise ValueError("buffer length < offset + size")
-        ring.send(view[offset : offset + size], True)
+        """Send ``size`` bytes of a C-contiguous bytes-like object, from ``offset``."""
+        self._send_bytes(buf, offset, size)
+
+    def _send(self, obj: object) -> None:
+        self._check_writable().send(obj)
+
+    def _send_bytes(self, buf: Any, offset: int, size: int | None) -> None:
+        self._check_writable().send_bytes(buf, offset, size)
 
     # -- receiving -----------------------------------------------------
     def recv(self, timeout: float | None = None) -> Any:
@@ -170,15 +179,11 @@ class Connection:
         ``TimeoutError`` after ``timeout`` seconds (an addition to the
         multiprocessing API).
         """
-        return self._recv(timeout, False)
+        return self._recv(timeout)
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Return the next message as bytes (``OSError`` if longer than maxlength)."""
-        if maxlength is not None and maxlength < 0:
-            raise ValueError("negative maxlength")
-        data: bytes = self._recv(None, True)
-        if maxlength is not None and len(data) > maxlength:
-            raise OSError("bad message length")
+        data: bytes = self._recv_bytes(maxlength)
         return data
 
     def recv_bytes_into(self, buf: Any, offset: int = 0) -> int:
@@ -190,22 +195,29 @@ class Connection:
         view = memoryview(buf).cast("B")
         if offset < 0 or offset > len(view):
             raise ValueError("offset out of bounds" if offset > 0 else "negative offset")
-        data: bytes = self._recv(None, True)
+        data: bytes = self._recv_bytes(None)
         if len(data) > len(view) - offset:
             raise BufferTooShort(data)
         view[offset : offset + len(data)] = data
         return len(data)
 
-    def _recv(self, timeout: float | None, raw: bool) -> Any:
+    def _recv(self, timeout: float | None) -> Any:
         ring = self._check_readable()
         try:
-            obj = ring.recv(timeout, _WRITERS, raw)
-        except queue.Empty:
-            raise TimeoutError(f"nothing received within {timeout} s") from None
+            return ring.recv(timeout)
         finally:
-            if self._bell is not None:
-                self._bell.rearm()
-        return obj
+            self._rearm()
+
+    def _recv_bytes(self, maxlength: int | None) -> Any:
+        ring = self._check_readable()
+        try:
+            return ring.recv_bytes(maxlength)
+        finally:
+            self._rearm()
+
+    def _rearm(self) -> None:
+        if self._bell is not None:
+            self._bell.rearm()
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         """Return whether a message (or end of file) is ready, waiting up to timeout.
@@ -221,6 +233,7 @@ class Connection:
         if self._bell is None:
             assert self._reader is not None
             self._bell = _Doorbell(self._reader.ring)
+            self._unbind_fast_paths(("_recv", "_recv_bytes"))
         return self._bell.fd
 
 

@@ -2,14 +2,21 @@
 
 ZeroMQ sockets are not thread-safe, so every use of the socket happens under
 ``_sock_lock``. A calling thread sends its message itself (one thread hop less
-per call) and waits on its own event; the I/O thread sleeps on the socket's
-readiness fd (``zmq.FD``, which can be watched without touching the socket) and
-a wake-up pipe, then drains the socket and resolves what came back. ``zmq.FD``
-is edge-triggered and any socket call may consume its edge, so whoever used
-the socket checks ``zmq.EVENTS`` before letting go and wakes the I/O thread if
-input is pending. Task-result callbacks run on the I/O thread outside the lock;
-if such a callback calls a shared object, the I/O thread pumps the socket
-itself until the reply is in. Everything that matters is kept until
+per call). One thread at a time, the *receiver* (``_receiver``), sleeps on the
+socket's readiness fd (``zmq.FD``, which can be watched without touching the
+socket), drains the socket and resolves what came back. A thread waiting for
+its reply takes that role itself if it is free, so the reply wakes the caller
+and nobody else (one thread hop less again); otherwise it waits on its latch.
+The I/O thread takes the role when something else is awaited (task results,
+host jobs, calls of threads that are not receiving, a WELCOME) and otherwise
+sleeps on its wake-up pipe and timers only, draining the socket at each timer
+tick. ``zmq.FD`` is edge-triggered and any socket call may consume its edge,
+so whoever used the socket checks ``zmq.EVENTS`` before letting go and, if
+input is pending, pokes the receiver through ``_input_r``; a caller that
+gives up the role while others still wait wakes the I/O thread to take it.
+Task-result callbacks run on the I/O thread outside the lock (a receiving
+caller hands them over); if such a callback calls a shared object, the I/O
+thread pumps the socket itself until the reply is in. Everything that matters is kept until
 the broker acknowledges it and re-sent on every new session: SUBMITs until
 ACK, CALLs and CREATEs until REPLY (the host's reply cache makes a re-sent CALL
 harmless). RESULTs are handed to their task's callback once and DONE'd.
@@ -63,6 +70,7 @@ from fabric.remote._link import Link, LinkRefused, Runtime, compatible
 
 log = logging.getLogger(__name__)
 
+_RETRY_S = 0.05  # how often a thread waiting on the socket or a latch looks again
 # The broker keeps a result until the client DONEs it; DONEs wait to travel many to a
 # message (at most 256 ids: far below the protocol's 64 KiB control frame).
 _DONE_BATCH = 256
@@ -75,7 +83,9 @@ ResultCallback = Callable[[str, str, bytes], None]
 class LocalBroker(Protocol):
     """A broker in this very process (``Broker.call_local``): object calls skip the socket."""
 
-    def call_local(self, session: bytes, message: Call | Create) -> list[Reply]: ...
+    def call_local(
+        self, session: bytes, message: Call | Create, parked: Callable[[], object]
+    ) -> list[Reply]: ...
 
 
 class _Latch:
@@ -102,7 +112,7 @@ class _Latch:
         return True
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     message: Call | Create
     done: _Latch = field(default_factory=_Latch)
@@ -155,6 +165,13 @@ class Connection:
         self._done_due = 0.0
         self._seq = itertools.count(1)
         self._wake_r, self._wake_w = os.pipe()
+        self._input_r, self._input_w = os.pipe()  # "input is pending" for the receiver
+        for fd in (self._wake_w, self._input_w):
+            os.set_blocking(fd, False)  # a full pipe already says "look"
+        self._receiver = threading.Lock()  # held by the one thread watching the socket
+        self._watching = False  # the I/O thread is the receiver (guarded by _lock)
+        self._handoff: list[Callable[[], None]] = []  # callbacks a receiving caller got
+        self._refused: LinkRefused | None = None
         self._closing = False
         self._fatal: Exception | None = None
         self._welcomed = threading.Event()
@@ -244,7 +261,10 @@ class Connection:
         with self._lock:
             self._check_open()
             self._tasks[task] = _Task(message, on_result)
+            watching = self._watching
         self._send_or_queue(message)
+        if not watching:
+            self._wake()  # the I/O thread must watch for the result
 
     def cancel(self, task: bytes) -> None:
         """Ask the broker to cancel a task (its RESULT says whether it was)."""
@@ -261,8 +281,8 @@ class Connection:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(10)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for fd in (self._wake_r, self._wake_w, self._input_r, self._input_w):
+            os.close(fd)
         self._context.term()
 
     def __enter__(self) -> Connection:
@@ -286,27 +306,34 @@ class Connection:
 
     def _post_call(self, message: Call | Create) -> _Pending:
         pending = _Pending(message)
+        if self._local is not None and self._call_local(pending):
+            return pending
         with self._lock:
             self._check_open()
             self._calls[message.call] = pending
-        if not self._call_local(message):
-            self._send_or_queue(message)
+        self._send_or_queue(message)
         return pending
 
-    def _call_local(self, message: Call | Create) -> bool:
-        """Apply a call in this thread through a broker of this process; False: use the socket.
+    def _call_local(self, pending: _Pending) -> bool:
+        """Apply a call in this thread through a broker of this process; False: use the socket."""
+        assert self._local is not None
+        self._check_open()
+        message = pending.message
 
-        The call is registered in ``_calls`` first, so a reply that comes later
-        over the socket (a parked call) finds its waiter.
-        """
-        if self._local is None:
-            return False
+        def parked() -> None:  # under the broker's lock: a later reply finds its waiter
+            with self._lock:
+                self._calls[message.call] = pending
+
         try:
-            replies = self._local.call_local(self.session, message)
+            replies = self._local.call_local(self.session, message, parked)
         except LookupError:  # no session there yet (or any more): the socket path re-sends
             return False
         for reply in replies:
-            self._replied(reply)
+            if reply.call == message.call:
+                pending.reply = reply
+                pending.done.set()
+            else:
+                self._replied(reply)
         return True
 
     def _post(self, message: Message) -> None:
@@ -319,7 +346,7 @@ class Connection:
         with self._sock_lock:
             if self._link.ready and not self._outbox and self._link.send(message):
                 if self._input_pending():
-                    self._wake()  # our send may have eaten the edge the I/O thread waits for
+                    self._poke_receiver()  # our send may have eaten the edge it waits for
                 return
         with self._lock:
             self._outbox.append(message)
@@ -330,10 +357,18 @@ class Connection:
         return sock is not None and bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
     def _await(self, pending: _Pending) -> bytes:
-        if threading.current_thread() is self._threads[0]:
+        if not pending.done.is_set() and threading.current_thread() is self._threads[0]:
             while not pending.done.is_set() and not self._closing:  # a callback called us
                 self._turn(0.05)
-        pending.done.wait()
+        while not pending.done.is_set():
+            if self._receiver.acquire(blocking=False):
+                try:
+                    self._receive_until(pending)
+                finally:
+                    self._receiver.release()
+                    self._hand_back()
+            if not pending.done.is_set():
+                pending.done.wait(_RETRY_S)  # another thread receives; or the link is down
         if pending.error is not None:
             raise pending.error
         reply = pending.reply
@@ -345,6 +380,66 @@ class Connection:
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # closed during shutdown
             os.write(self._wake_w, b"\0")
+
+    def _poke_receiver(self) -> None:
+        with contextlib.suppress(OSError):  # closed during shutdown
+            os.write(self._input_w, b"\0")
+
+    # --- receiving: whichever thread holds _receiver ------------------------------------
+    def _receive_until(self, pending: _Pending) -> None:
+        """Watch the socket in this calling thread until ``pending`` is answered.
+
+        Return early if the link is down (the I/O thread reconnects) or the
+        connection fails; the caller then waits on its latch.
+        """
+        while not pending.done.is_set() and self._fatal is None and not self._closing:
+            with self._sock_lock:
+                sock = self._link.socket
+                if sock is None or not self._link.ready:
+                    return
+                fd = cast(int, sock.getsockopt(zmq.FD))
+                ready = self._input_pending()
+            if not ready:
+                self._sleep_on(fd, _RETRY_S)
+            try:
+                callbacks = self._receive()
+            except LinkRefused as refused:
+                self._refused = refused  # the I/O thread ends the session
+                self._wake()
+                return
+            if callbacks:
+                with self._lock:
+                    self._handoff += callbacks
+                self._wake()
+
+    def _sleep_on(self, fd: int | None, timeout: float) -> set[int]:
+        """Sleep until the socket (``fd``) or a poke is ready or ``timeout``; return what was."""
+        poller = select.poll()
+        poller.register(self._input_r, select.POLLIN)
+        if fd is not None:
+            poller.register(fd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(max(0, int(timeout * 1000)) + 1)}
+        if self._input_r in ready:
+            with contextlib.suppress(OSError):
+                os.read(self._input_r, 4096)
+        return ready
+
+    def _receive(self) -> list[Callable[[], None]]:
+        """Drain the socket and dispatch; return the task callbacks to run (lock released)."""
+        callbacks: list[Callable[[], None]] = []
+        with self._sock_lock:
+            while self._input_pending():
+                for message in self._link.receive():
+                    callbacks += self._dispatch(message)
+                self._flush()
+        return callbacks
+
+    def _hand_back(self) -> None:
+        """After a caller let the receiver role go: wake the I/O thread if others wait."""
+        with self._lock:
+            waiting = bool(self._calls or self._tasks or self._outbox or self._handoff)
+        if waiting:
+            self._wake()
 
     # --- the I/O thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -377,31 +472,62 @@ class Connection:
 
     def _turn(self, timeout: float) -> None:
         """Sleep until input, a wake-up or ``timeout``; then do all the socket work due."""
-        with self._sock_lock:
-            sock = self._link.socket
-            fd = cast(int, sock.getsockopt(zmq.FD)) if sock is not None else None
-            pending = self._input_pending()
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        if fd is not None:
-            poller.register(fd, select.POLLIN)
-        events = dict(poller.poll(0 if pending else max(0, int(timeout * 1000)) + 1))
-        if self._wake_r in events:
-            os.read(self._wake_r, 4096)
+        watching = self._watch()
         callbacks: list[Callable[[], None]] = []
-        with self._sock_lock:
-            self._flush()
-            now = time.monotonic()
-            self._link.tick(now)
-            self._check_lost(now)
-            self._resend_rejected(now)
-            self._flush()
-            while self._input_pending():
-                for message in self._link.receive():
-                    callbacks += self._dispatch(message)
+        try:
+            with self._sock_lock:
+                sock = self._link.socket
+                fd = cast(int, sock.getsockopt(zmq.FD)) if watching and sock else None
+                ready = watching and self._input_pending()
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            if watching:
+                poller.register(self._input_r, select.POLLIN)
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+            events = dict(poller.poll(0 if ready else max(0, int(timeout * 1000)) + 1))
+            for pipe in (self._wake_r, self._input_r):
+                if pipe in events:
+                    os.read(pipe, 4096)
+            if self._refused is not None:
+                raise self._refused
+            with self._sock_lock:
                 self._flush()
+                now = time.monotonic()
+                self._link.tick(now)
+                self._check_lost(now)
+                self._resend_rejected(now)
+                self._flush()
+            # not watching: drain at each turn anyway (heartbeats), unless a caller receives
+            if watching or self._receiver.acquire(blocking=False):
+                try:
+                    callbacks += self._receive()
+                finally:
+                    if not watching:
+                        self._receiver.release()
+        finally:
+            if watching:
+                self._receiver.release()
+        with self._lock:
+            callbacks, self._handoff = self._handoff + callbacks, []
         for callback in callbacks:
             callback()
+
+    def _watch(self) -> bool:
+        """Take the receiver role if something must be watched for; return whether taken."""
+        receiver = self._receiver.acquire(blocking=False)
+        with self._lock:  # decided and published at once: submit() reads it under _lock
+            self._watching = receiver and bool(
+                self._tasks
+                or self._calls
+                or self._host is not None
+                or self._closing
+                or not self._link.ready
+            )
+            watch = self._watching
+        if receiver and not watch:
+            self._receiver.release()
+        return watch
 
     def _flush(self, force: bool = False) -> None:
         """Send what is queued; DONE only once a batch is full, due, or ``force``d."""

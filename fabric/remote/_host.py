@@ -206,6 +206,8 @@ class ObjectHost:
     def expire(self, now: float) -> list[Reply]:
         """Time out parked calls whose deadline has passed."""
         replies: list[Reply] = []
+        if not self._parked:
+            return replies
         for obj_id, parked in list(self._parked.items()):
             due = [p for p in parked if p.limit is not None and p.limit <= now]
             for entry in due:

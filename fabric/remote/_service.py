@@ -27,7 +27,9 @@ class BuiltinHostService:
     def handle(self, session: bytes, message: Create | Call) -> Outbox:
         """Run one CREATE or CALL; return every reply it makes possible."""
         now = time.monotonic()
-        payload = bytes(message.payload[0]) if message.payload else b""
+        payload = message.payload[0] if message.payload else b""
+        if type(payload) is not bytes:  # a frame off the socket: the local path passes bytes
+            payload = bytes(payload)
         if isinstance(message, Create):
             replies = self._host.create(
                 session, message.call, message.typeid, message.name, payload, now

@@ -436,11 +436,16 @@ def test_a_local_call_runs_in_the_callers_thread_and_others_hear_through_the_loo
         client.hello("client")
         host.hello("host", "h1")
         worker.hello("worker", capacity=0)
-        replies = broker.call_local(client.session, p.Call("", 1, "o1", "get"))
-        assert replies == [p.Reply(1, "ok", payload=(b"1",))]
+        parked: list[int] = []
+        replies = broker.call_local(
+            client.session, p.Call("", 1, "o1", "get"), lambda: parked.append(1)
+        )
+        assert replies == [p.Reply(1, "ok", payload=(b"1",))] and parked == []
         assert service.calls == [(client.session, p.Call("", 1, "o1", "get"))]
         # a call for a host peer is forwarded by the loop; its reply comes over the socket
-        assert broker.call_local(client.session, p.Call("h1", 2, "o2", "get")) == []
+        call = p.Call("h1", 2, "o2", "get")
+        assert broker.call_local(client.session, call, lambda: parked.append(2)) == []
+        assert parked == [2]
         assert host.expect(p.Call) == p.Call("h1", 2, "o2", "get", client.session)
         host.send(p.Reply(2, "ok", session=client.session, payload=(b"v",)))
         assert client.expect(p.Reply) == p.Reply(2, "ok", payload=(b"v",))

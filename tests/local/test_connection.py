@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import gc
 import multiprocessing
 import os
 import pickle
@@ -35,6 +36,23 @@ def test_send_recv_both_ways(pipe: Any) -> None:
     assert a.recv() == (1, "y")
     a.close()
     b.close()
+
+
+def test_bound_methods_keep_their_ends_open(pipe: Any) -> None:
+    def methods() -> tuple[Any, ...]:
+        a, b = pipe()
+        return a.send, a.send_bytes, b.recv, b.recv_bytes, b.close
+
+    send, send_bytes, recv, recv_bytes, close_b = methods()
+    gc.collect()  # only the bound methods hold the ends now
+    send((1, "x"))
+    send_bytes(b"raw")
+    assert (recv(), recv_bytes()) == ((1, "x"), b"raw")
+    close_b()
+    with pytest.raises(OSError):
+        recv()
+    with pytest.raises(OSError):
+        recv_bytes()
 
 
 def test_send_bytes_offset_size_and_recv_bytes_into(pipe: Any) -> None:

@@ -183,3 +183,19 @@ def test_the_embedded_managers_in_thread_calls_meet_calls_over_sockets() -> None
         lock.release()  # the waiter's parked acquire is answered to its own thread
         waiter.join(30)
         assert got == [True]
+
+
+def test_a_thread_parked_on_the_socket_does_not_hold_up_the_others(cluster: Cluster) -> None:
+    # the first thread to wait watches the socket for everyone while its get() is parked
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    q, d = mgr.Queue(), mgr.dict()
+    got: list[Any] = []
+    parked = threading.Thread(target=lambda: got.append(q.get(timeout=60)))
+    parked.start()
+    for i in range(50):
+        d[i] = i
+    assert mgr.Executor().submit(abs, -3).result(timeout=60) == 3
+    q.put("done")
+    parked.join(60)
+    assert got == ["done"] and len(d) == 50
