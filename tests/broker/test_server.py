@@ -328,6 +328,8 @@ def test_accepted_tasks_survive_a_broker_restart(start_broker: Start, tmp_path: 
         client.send(p.Cancel(b"d"))
         client.expect(p.Result)
         client.send(p.Done((b"d",)))
+        client.send(p.Status())
+        client.expect(p.Stats)  # the DONE was taken (and journaled) before the close
         session = client.session
     first.close()
     second = start_broker(journal=journal)
