@@ -33,7 +33,7 @@ from typing import Any
 import cloudpickle
 import zmq
 
-from bench._harness import Table, rate, repeat
+from bench._harness import Stats, Table, rate, repeat
 from fabric.remote import Manager
 
 N_OPS = 2_000
@@ -149,21 +149,31 @@ def _puts_gets(q: Any, count: int = N_OPS) -> float:
 def _dict_table(repeats: int, mgr: Manager, sync: mpm.SyncManager) -> list[Table]:
     ops = Table("Managed dict: d[k] = v, one client", "ops/s", baseline="SyncManager (TCP)")
     queue_t = Table("Managed Queue: put + get, one client", "items/s", baseline="SyncManager (TCP)")
-    for name, d, q in (
-        ("SyncManager (TCP)", sync.dict(), sync.Queue()),  # type: ignore[attr-defined]
-        ("fabric Manager", mgr.dict(), mgr.Queue()),
-    ):
-        ops.add(name, repeat(lambda d=d: _sets(d), repeats))
-        queue_t.add(name, repeat(lambda q=q: _puts_gets(q), repeats))
-    remote = "fabric, from a task process (TCP + CURVE)"
-    ex, d, q = mgr.Executor(), mgr.dict(), mgr.Queue()
+    ex = mgr.Executor()
+    here: dict[str, tuple[Any, Any]] = {
+        "SyncManager (TCP)": (sync.dict(), sync.Queue()),  # type: ignore[attr-defined]
+        "fabric Manager": (mgr.dict(), mgr.Queue()),
+    }
+    remote = ("fabric, from a task process (TCP + CURVE)", mgr.dict(), mgr.Queue())
+    sets: dict[str, list[float]] = {name: [] for name in [*here, remote[0]]}
+    gets: dict[str, list[float]] = {name: [] for name in sets}
     module = sys.modules[__name__]
     cloudpickle.register_pickle_by_value(module)  # task processes need not import bench/
     try:
-        ops.add(remote, repeat(lambda: ex.submit(_sets, d).result(timeout=120), repeats))
-        queue_t.add(remote, repeat(lambda: ex.submit(_puts_gets, q).result(timeout=120), repeats))
+        # the candidates take turns within each repeat, so a burst of load on this shared
+        # machine hits them alike instead of one candidate's whole series
+        for _ in range(repeats):
+            for name, (d, q) in here.items():
+                sets[name].append(_sets(d))
+                gets[name].append(_puts_gets(q))
+            name, d, q = remote
+            sets[name].append(ex.submit(_sets, d).result(timeout=120))
+            gets[name].append(ex.submit(_puts_gets, q).result(timeout=120))
     finally:
         cloudpickle.unregister_pickle_by_value(module)
+    for name in sets:
+        ops.add(name, Stats(tuple(sets[name])))
+        queue_t.add(name, Stats(tuple(gets[name])))
     return [ops, queue_t]
 
 

@@ -252,14 +252,15 @@ class Broker:
             if peer is None or self._context is None or type(message) not in p.SENDABLE[peer.role]:
                 raise LookupError("not an open session of this broker")
             mine: list[p.Reply] = []
-            others = False
+            others = answered = False
             for sid, out in self._objects.call(session, message):
                 if sid == session and isinstance(out, p.Reply):
                     mine.append(out)
+                    answered = answered or out.call == message.call
                 else:
                     self._sessions.outbox.append((sid, out))
                     others = True
-            if all(reply.call != message.call for reply in mine):
+            if not answered:
                 parked()
         if others:
             self._poke()

@@ -281,6 +281,10 @@ class Connection:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(10)
+        # a caller still receiving (its call was just failed) lets go within _RETRY_S:
+        # only then may the pipes' fds be closed and reused
+        if self._receiver.acquire(timeout=1.0):
+            self._receiver.release()
         for fd in (self._wake_r, self._wake_w, self._input_r, self._input_w):
             os.close(fd)
         self._context.term()

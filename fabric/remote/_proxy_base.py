@@ -51,7 +51,7 @@ def dumps(value: Any) -> bytes:
 
 def _dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any], token: int | None) -> bytes:
     envelope = (args, kwargs, threading.get_ident(), token)
-    if not kwargs and all(type(arg) in _PLAIN for arg in args):
+    if not kwargs and _PLAIN.issuperset(map(type, args)):
         return pickle.dumps(envelope, protocol=5)
     return cloudpickle.dumps(envelope, protocol=5)  # type: ignore[no-any-return]
 
