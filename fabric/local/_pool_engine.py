@@ -221,6 +221,7 @@ class Engine:
         try:
             for index in range(self.processes):
                 self._start_worker(index)
+                self._dispatch()  # the first task need not wait for every fork
             while self._step():
                 pass
         except BaseException:
@@ -270,8 +271,8 @@ class Engine:
     def _credit(self, worker: WorkerHandle) -> int:
         if worker.retiring:
             return 0
-        if self._task_time <= 0:
-            limit = 8
+        if self._task_time <= 0:  # unmeasured: two each, so a first map's chunks spread
+            limit = 2
         else:
             limit = 1 + max(1, min(_MAX_BATCH, int(_QUEUE_AHEAD_S / self._task_time)))
         room = limit - len(worker.inflight)
@@ -287,8 +288,9 @@ class Engine:
             return
         workers = sorted((w for w in self._workers if w is not None), key=lambda w: len(w.inflight))
         for i, worker in enumerate(workers):
-            # A fair share each, so four chunks go two and two, not four to the first.
-            share = -(-len(self._pending) // (len(workers) - i))
+            # A fair share each, so four chunks go two and two, not four to the first;
+            # a worker not started yet (or being replaced) keeps its share too.
+            share = -(-len(self._pending) // (self.processes - i))
             room = min(self._credit(worker), share)
             batch: list[Task] = []
             while room > 0 and self._pending:
