@@ -352,7 +352,7 @@ class Engine:
                 return tuple(args)
             return self._pickler.dumps((args, task.kwargs))
         if task.kind == wire.MAP and len(args) <= wire.INLINE_LIST_MAX and wire.plain(args):
-            return list(args)
+            return args if type(args) is list else list(args)
         return self._pickler.dumps(args)
 
     def _flush(self, worker: WorkerHandle) -> None:
