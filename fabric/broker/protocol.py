@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 MAGIC = b"FB"
-VERSION = 1
+VERSION = 2
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_PAYLOAD_FRAMES = 256
 MAX_ID_BYTES = 96
@@ -180,12 +180,16 @@ class Submit(Message):
 
 @dataclass(frozen=True, slots=True)
 class Ack(Message):
-    """Acknowledge: to a client, that its SUBMIT is accepted (journaled when durable);
-    to a worker, that its RESULT for ``(task, attempt)`` is taken."""
+    """Acknowledge many messages at once (the broker batches them, see ``docs/protocol.md``).
+
+    To a client: its SUBMITs of ``tasks`` are accepted (journaled when
+    durable); ``attempts`` is empty. To a worker: its RESULTs for
+    ``zip(tasks, attempts)`` are taken.
+    """
 
     TYPE: ClassVar[int] = 0x11
-    task: bytes
-    attempt: int = 0
+    tasks: tuple[bytes, ...]
+    attempts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +406,12 @@ def _check_ids(value: Any) -> tuple[bytes, ...]:
     return tuple(_check_bytes(item) for item in value)
 
 
+def _check_ints(value: Any) -> tuple[int, ...]:
+    if type(value) is not tuple or len(value) > MAX_ITEMS:
+        raise _fail(f"expected a list of at most {MAX_ITEMS} ints")
+    return tuple(_check_int(item) for item in value)
+
+
 def _check_labels(value: Any) -> dict[str, str]:
     if type(value) is not dict or len(value) > 64:
         raise _fail("expected a map of at most 64 str -> str")
@@ -421,29 +431,113 @@ _CHECKS: dict[Any, _Check] = {
     bool: _check_bool,
     float: _check_float,
     tuple[bytes, ...]: _check_ids,
+    tuple[int, ...]: _check_ints,
     dict[str, str]: _check_labels,
     dict[str, Any]: _check_map,
 }
 
 
+# --- the rules the per-field checkers cannot see ------------------------------------
+
+
+def _valid_hello(message: Hello) -> None:
+    if message.role not in ROLES:
+        raise ProtocolError(f"unknown role {message.role!r}")
+    if len(message.session) != SESSION_BYTES:
+        raise ProtocolError(f"session id must be {SESSION_BYTES} bytes")
+
+
+def _valid_result(message: Result) -> None:
+    if message.status not in STATUSES:
+        raise ProtocolError(f"unknown result status {message.status!r}")
+
+
+def _valid_client_task(message: Submit | Cancel) -> None:
+    if len(message.task) > MAX_TASK_ID_BYTES:
+        raise ProtocolError(f"task id over {MAX_TASK_ID_BYTES} bytes")
+
+
+def _valid_done(message: Done) -> None:
+    if any(len(task) > MAX_TASK_ID_BYTES for task in message.tasks):
+        raise ProtocolError(f"task id over {MAX_TASK_ID_BYTES} bytes")
+
+
+def _valid_ack(message: Ack) -> None:
+    if message.attempts and len(message.attempts) != len(message.tasks):
+        raise ProtocolError("ACK attempts must be empty or match its tasks one to one")
+
+
+_RULES: dict[type[Message], Callable[[Any], None]] = {
+    Hello: _valid_hello,
+    Result: _valid_result,
+    Submit: _valid_client_task,
+    Cancel: _valid_client_task,
+    Done: _valid_done,
+    Ack: _valid_ack,
+}
+
+
+# --- per-message codecs, generated once from the dataclasses --------------------------
+
+_Decoder = Callable[[dict[str, Any], Payload], Message]
+_Encoder = Callable[[Any], list[Buffer]]
+
+
 @dataclass(frozen=True, slots=True)
-class _Schema:
+class _Codec:
     cls: type[Message]
-    fields: tuple[tuple[str, _Check, bool], ...]  # (name, check, required)
-    names: tuple[str, ...]
+    header: bytes
     has_payload: bool
+    decode: _Decoder
+    encode: _Encoder
 
 
-def _schema(cls: type[Message]) -> _Schema:
+def _codec(cls: type[Message]) -> _Codec:
+    """Compile a decoder and an encoder for ``cls`` from its fields and their type hints.
+
+    Generated source, like ``dataclasses`` itself does, so the hot path runs
+    one straight function per message instead of a loop over field specs.
+    """
     hints = typing.get_type_hints(cls)
-    fields: list[tuple[str, _Check, bool]] = []
-    for f in dataclasses.fields(cls):
+    header = MAGIC + bytes((VERSION, cls.TYPE))
+    env: dict[str, Any] = {
+        "cls": cls,
+        "header": header,
+        "packb": msgpack.packb,
+        "MISSING": dataclasses.MISSING,
+        "ProtocolError": ProtocolError,
+        "rule": _RULES.get(cls),
+    }
+    lines = ["def decode(control, payload):", "    get = control.get"]
+    args, keys = [], []
+    has_payload = False
+    for n, f in enumerate(dataclasses.fields(cls)):
         if f.name == "payload":
+            has_payload = True
+            args.append("payload")
             continue
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        fields.append((f.name, _CHECKS[hints[f.name]], required))
-    has_payload = any(f.name == "payload" for f in dataclasses.fields(cls))
-    return _Schema(cls, tuple(fields), tuple(n for n, _, _ in fields), has_payload)
+        env[f"check{n}"], env[f"default{n}"] = _CHECKS[hints[f.name]], f.default
+        env[f"factory{n}"] = f.default_factory
+        lines.append(f"    v = get({f.name!r}, MISSING)")
+        if f.default is not dataclasses.MISSING:
+            lines.append(f"    f{n} = default{n} if v is MISSING else check{n}(v)")
+        elif f.default_factory is not dataclasses.MISSING:
+            lines.append(f"    f{n} = factory{n}() if v is MISSING else check{n}(v)")
+        else:
+            lacks = f"{cls.__name__} lacks field {f.name!r}"
+            lines += ["    if v is MISSING:", f"        raise ProtocolError({lacks!r})"]
+            lines.append(f"    f{n} = check{n}(v)")
+        args.append(f"f{n}")
+        keys.append(f"{f.name!r}: m.{f.name}")
+    lines.append(f"    message = cls({', '.join(args)})")
+    if env["rule"] is not None:
+        lines.append("    rule(message)")
+    lines.append("    return message")
+    control = "packb({" + ", ".join(keys) + "}, use_bin_type=True)"
+    tail = ", *m.payload" if has_payload else ""
+    lines += ["def encode(m):", f"    return [header + {control}{tail}]"]
+    exec("\n".join(lines), env)  # the source is built above from our own dataclasses
+    return _Codec(cls, header, has_payload, env["decode"], env["encode"])
 
 
 MESSAGES: tuple[type[Message], ...] = (  # every message, by type byte
@@ -452,19 +546,13 @@ MESSAGES: tuple[type[Message], ...] = (  # every message, by type byte
     Create, Call, Reply, Gone,
     Status, Stats, Error,
 )  # fmt: skip
-_BY_TYPE: dict[int, _Schema] = {cls.TYPE: _schema(cls) for cls in MESSAGES}
-_BY_CLASS: dict[type[Message], _Schema] = {s.cls: s for s in _BY_TYPE.values()}
-_HEADERS: dict[type[Message], bytes] = {cls: MAGIC + bytes((VERSION, cls.TYPE)) for cls in MESSAGES}
+_BY_TYPE: dict[int, _Codec] = {cls.TYPE: _codec(cls) for cls in MESSAGES}
+_BY_CLASS: dict[type[Message], _Codec] = {c.cls: c for c in _BY_TYPE.values()}
 
 
 def encode(message: Message) -> list[Buffer]:
     """Turn ``message`` into frames: the header+control frame, then its payload frames."""
-    schema = _BY_CLASS[type(message)]
-    control = {name: getattr(message, name) for name in schema.names}
-    head = _HEADERS[schema.cls] + msgpack.packb(control, use_bin_type=True)
-    if schema.has_payload:
-        return [head, *message.payload]  # type: ignore[attr-defined]
-    return [head]
+    return _BY_CLASS[type(message)].encode(message)
 
 
 def decode(frames: Sequence[Buffer]) -> Message:
@@ -483,28 +571,17 @@ def decode(frames: Sequence[Buffer]) -> Message:
         raise VersionMismatchError(
             f"peer speaks fabric protocol version {head[2]}, this side speaks {VERSION}"
         )
-    schema = _BY_TYPE.get(head[3])
-    if schema is None:
+    codec = _BY_TYPE.get(head[3])
+    if codec is None:
         raise ProtocolError(f"unknown message type 0x{head[3]:02x}")
     if len(head) - 4 > MAX_CONTROL_BYTES:
         raise ProtocolError(f"control frame over {MAX_CONTROL_BYTES} bytes")
     payload = tuple(frames[1:])
-    if payload and not schema.has_payload:
-        raise ProtocolError(f"{schema.cls.__name__} takes no payload frames")
+    if payload and not codec.has_payload:
+        raise ProtocolError(f"{codec.cls.__name__} takes no payload frames")
     if len(payload) > MAX_PAYLOAD_FRAMES:
         raise ProtocolError(f"more than {MAX_PAYLOAD_FRAMES} payload frames")
-    control = _unpack(head[4:])
-    values: dict[str, Any] = {}
-    for name, check, required in schema.fields:
-        if name in control:
-            values[name] = check(control[name])
-        elif required:
-            raise ProtocolError(f"{schema.cls.__name__} lacks field {name!r}")
-    if schema.has_payload:
-        values["payload"] = payload
-    message = schema.cls(**values)
-    _validate(message)
-    return message
+    return codec.decode(_unpack(head[4:]), payload)
 
 
 def _unpack(data: memoryview) -> dict[str, Any]:
@@ -528,21 +605,3 @@ def _unpack(data: memoryview) -> dict[str, Any]:
     if type(control) is not dict:
         raise ProtocolError("control frame is not a msgpack map")
     return control
-
-
-def _validate(message: Message) -> None:
-    """Check the cross-field rules the per-field checkers cannot see."""
-    if isinstance(message, Hello):
-        if message.role not in ROLES:
-            raise ProtocolError(f"unknown role {message.role!r}")
-        if len(message.session) != SESSION_BYTES:
-            raise ProtocolError(f"session id must be {SESSION_BYTES} bytes")
-    elif isinstance(message, Result) and message.status not in STATUSES:
-        raise ProtocolError(f"unknown result status {message.status!r}")
-    client_ids: tuple[bytes, ...] = ()
-    if isinstance(message, Submit | Cancel):
-        client_ids = (message.task,)
-    elif isinstance(message, Done):
-        client_ids = message.tasks
-    if any(len(task) > MAX_TASK_ID_BYTES for task in client_ids):
-        raise ProtocolError(f"task id over {MAX_TASK_ID_BYTES} bytes")

@@ -19,30 +19,24 @@ Invariants, held after every call:
 * the first RESULT taken for a task wins; later ones (a re-run after a
   presumed death, a duplicate) are counted and dropped;
 * ``bytes`` is the payload held (queued calls and undelivered results); with
-  the task count it bounds memory, and SUBMITs past either bound are
-  rejected as ``busy`` (back-pressure).
+  the task count it bounds memory; SUBMITs past either are ``busy`` (back-pressure).
 
-Only ``server.py`` owns sockets and the clock; every method here takes ``now``.
+Lanes and worker choice are in ``lanes.py``, batched ACKs in ``acks.py``. Only ``server.py``
+owns sockets and the clock; every method here takes ``now``.
 """
 
 from __future__ import annotations
 
-import enum
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import OrderedDict
 
-from fabric.broker.protocol import (
-    SESSION_BYTES,
-    Ack,
-    Cancel,
-    Dispatch,
-    Message,
-    Payload,
-    Reject,
-    Result,
-)
+from fabric.broker.acks import Acks
+from fabric.broker.expiring import Expiring
+from fabric.broker.lanes import Lanes
+from fabric.broker.protocol import SESSION_BYTES, Cancel, Dispatch, Message, Payload, Reject, Result
 from fabric.broker.tasks import (
+    Admission,
     Client,
+    Limits,
     Requires,
     SchedulerStats,
     State,
@@ -60,45 +54,23 @@ Out = tuple[bytes, Message]
 MAX_CREDIT = 1 << 16
 
 
-class Admission(enum.Enum):
-    """What became of a SUBMIT."""
-
-    ACCEPTED = "accepted"  # new: journal it, then send the ACK
-    KNOWN = "known"  # a re-send of a task still held: ACK again, nothing to journal
-    REJECTED = "rejected"  # busy, duplicate or too large: a REJECT is on its way
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The scheduler's knobs (see ``docs/protocol.md``)."""
-
-    max_tasks: int = 100_000
-    max_bytes: int = 1 << 30
-    max_retries: int = 3
-    poison_limit: int = 3
-    liveness_timeout: float = 10.0
-    result_limit: int = 10_000
-    result_ttl: float = 3600.0
-    tombstone_limit: int = 100_000
-    tombstone_ttl: float = 3600.0
-    busy_retry_after: float = 0.05
-
-
 class Scheduler:
     """The broker's task table, credits, lanes and liveness deadlines. Not thread-safe."""
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self._tasks: dict[bytes, Task] = {}
-        self._lanes: OrderedDict[tuple[bytes, Requires], deque[bytes]] = OrderedDict()
+        self._lanes = Lanes()
         self._workers: dict[bytes, Worker] = {}
         self._clients: dict[bytes, Client] = {}
         self._deadlines: dict[bytes, float] = {}
         self._seen: dict[bytes, float] = {}
-        self._held: OrderedDict[bytes, float] = OrderedDict()  # results for absent clients
+        limits = self.limits
+        self._held = Expiring(limits.result_ttl, limits.result_limit)  # for absent clients
         self._expired: OrderedDict[bytes, Result] = OrderedDict()
         self._dropped: list[bytes] = []  # expired since the last drop_expired()
-        self._tombstones: OrderedDict[bytes, float] = OrderedDict()
+        self._tombstones = Expiring(limits.tombstone_ttl, limits.tombstone_limit)
+        self._acks = Acks()
         self._bytes = 0
         self._turns = 0
         self._counts = {"done": 0, "failed": 0, "retries": 0, "duplicates": 0, "busy": 0}
@@ -142,7 +114,7 @@ class Scheduler:
         client.present = True
         outs: list[Out] = []
         for key in sorted(client.tasks):
-            self._held.pop(key, None)
+            self._held.discard(key)
             task = self._tasks.get(key)
             result = task.result if task is not None else self._expired.get(key)
             if result is not None:
@@ -162,6 +134,7 @@ class Scheduler:
         """
         self._deadlines.pop(session, None)
         self._seen.pop(session, None)
+        self._acks.drop(session)
         outs: list[Out] = []
         worker = self._workers.pop(session, None)
         if worker is not None:
@@ -188,10 +161,9 @@ class Scheduler:
         for session in dead:
             silent = now - self._seen.get(session, now)
             outs += self.remove(session, now, f"no heartbeat for {silent:.1f} s")
-        while self._held and next(iter(self._held.values())) <= now:
-            self._expire(next(iter(self._held)))
-        while self._tombstones and next(iter(self._tombstones.values())) <= now:
-            self._tombstones.popitem(last=False)
+        for key in self._held.due(now):
+            self._expire(key)
+        self._tombstones.due(now)
         return dead, outs
 
     # --- tasks -------------------------------------------------------------------
@@ -207,7 +179,8 @@ class Scheduler:
         """Take a client's SUBMIT; on ACCEPTED the caller journals it, then sends the ACK."""
         key = task_key(session, task)
         if key in self._tasks or key in self._expired:
-            return Admission.KNOWN, [(session, Ack(task=task))]
+            self._acks.submit(session, task)
+            return Admission.KNOWN, []
         if key in self._tombstones:
             reason = f"task {task!r} already completed and acknowledged"
             return Admission.REJECTED, [(session, Reject(task, "duplicate", reason))]
@@ -222,8 +195,8 @@ class Scheduler:
             reject = Reject(task, "busy", reason, limits.busy_retry_after)
             return Admission.REJECTED, [(session, reject)]
         self.restore(session, task, payload, now, requires)
-        # the dispatch is on the result's critical path, the ACK is not: it goes second
-        return Admission.ACCEPTED, [*self._dispatch(), (session, Ack(task=task))]
+        self._acks.submit(session, task)
+        return Admission.ACCEPTED, self._dispatch()
 
     def restore(
         self,
@@ -258,10 +231,10 @@ class Scheduler:
     def result(self, session: bytes, message: Result, now: float) -> list[Out]:
         """Take a worker's RESULT: ACK it, return its credit, and settle the task if it wins.
 
-        The result to the client and the next dispatch come before the ACK to
-        the worker: they are on someone's critical path, the ACK is not.
+        The ACK waits for the next batch (see :meth:`acks`) unless the RESULT
+        returns no credit: a draining worker waits for its ACKs to leave.
         """
-        ack: Out = (session, Ack(task=message.task, attempt=message.attempt))
+        self._acks.result(session, message.task, message.attempt, urgent=message.credit == 0)
         outs: list[Out] = []
         worker = self._workers.get(session)
         if worker is not None:
@@ -270,12 +243,12 @@ class Scheduler:
         if task is None or task.state is State.RESULTED or not 1 <= message.attempt <= task.attempt:
             # already settled, or an attempt never dispatched (not to be trusted)
             self._counts["duplicates"] += 1
-            return [*self._dispatch(), ack]
+            return self._dispatch()
         current = task.worker == session and message.attempt == task.attempt
         if message.status == "crashed":
             if not current:
                 self._counts["duplicates"] += 1
-                return [*self._dispatch(), ack]
+                return self._dispatch()
             assert worker is not None
             outs += self._crashed(task, message.message, worker, now)
         else:
@@ -286,7 +259,7 @@ class Scheduler:
             outs += self._settle(
                 task, message.attempt, message.status, message.message, message.payload, now
             )
-        return [*outs, *self._dispatch(), ack]
+        return [*self._dispatch(), *outs]  # a waiting worker first: it is on the critical path
 
     def done(self, session: bytes, tasks: tuple[bytes, ...], now: float) -> list[bytes]:
         """Forget the client's acknowledged results; return the keys forgotten (to journal)."""
@@ -311,7 +284,7 @@ class Scheduler:
         entry = self._tasks.get(key)
         if entry is not None:
             if entry.state is State.QUEUED:
-                self._unqueue(entry)
+                self._lanes.remove(entry)
             self._forget(entry)
         client = self._clients.get(key[:SESSION_BYTES])
         if client is not None:
@@ -332,13 +305,24 @@ class Scheduler:
             return [(entry.worker, Cancel(task=entry.key, attempt=entry.attempt))]
         return []
 
-    def runnable(self, requires: dict[str, str]) -> bool:
-        """Return True if a connected worker satisfies ``requires``, or none is connected."""
+    def acks(self, everything: bool) -> list[Out]:
+        """Return the batched ACKs due now, or all waiting ones (see ``acks.py``)."""
+        return self._acks.take(everything)
+
+    def unrunnable(self) -> list[tuple[bytes, Requires]]:
+        """Return the (client, requirements) of queued tasks no connected worker can run.
+
+        Empty while no worker is connected at all: that is a cluster starting up.
+        """
         if not self._workers:
-            return True
-        return any(
-            all(w.labels.get(k) == v for k, v in requires.items()) for w in self._workers.values()
-        )
+            return []
+        return [
+            (owner, requires)
+            for owner, requires in self._lanes
+            if not any(
+                all(w.labels.get(k) == v for k, v in requires) for w in self._workers.values()
+            )
+        ]
 
     def worker_labels(self, key: str) -> set[str]:
         """Return the values of label ``key`` among connected workers."""
@@ -388,7 +372,7 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the table is inconsistent (tests call it after each step)."""
-        queued = [k for lane in self._lanes.values() for k in lane]
+        queued = self._lanes.queued()
         assert len(queued) == len(set(queued)), "a task is queued twice"
         for key, task in self._tasks.items():
             assert (key in queued) == (task.state is State.QUEUED), f"lane/state of {key!r}"
@@ -400,41 +384,18 @@ class Scheduler:
             for key in worker.running:
                 assert self._tasks[key].worker == worker.session
         assert self._bytes == sum(t.size for t in self._tasks.values()), "byte count"
-        assert all(lane for lane in self._lanes.values()), "an empty lane"
+        self._lanes.check()
 
     # --- internals ---------------------------------------------------------------
 
     def _enqueue(self, task: Task, *, front: bool) -> None:
         task.state = State.QUEUED
-        lane = self._lanes.get(task.lane)
-        if lane is None:
-            lane = self._lanes[task.lane] = deque()
-        if front:
-            lane.appendleft(task.key)
-        else:
-            lane.append(task.key)
-
-    def _unqueue(self, task: Task) -> None:
-        lane = self._lanes[task.lane]
-        lane.remove(task.key)
-        if not lane:
-            del self._lanes[task.lane]
+        self._lanes.push(task, front=front)
 
     def _dispatch(self) -> list[Out]:
         outs: list[Out] = []
-        while self._lanes:
-            for lane_key in self._lanes:
-                worker = self._pick(lane_key[1])
-                if worker is not None:
-                    break
-            else:
-                return outs
-            lane = self._lanes[lane_key]
-            key = lane.popleft()
-            if lane:
-                self._lanes.move_to_end(lane_key)
-            else:
-                del self._lanes[lane_key]
+        while (taken := self._lanes.take(self._workers)) is not None:
+            key, worker = taken
             task = self._tasks[key]
             task.state, task.worker = State.DISPATCHED, worker.session
             worker.running.add(key)
@@ -443,15 +404,6 @@ class Scheduler:
             worker.turn = self._turns
             outs.append((worker.session, Dispatch(key, task.attempt, task.payload)))
         return outs
-
-    def _pick(self, requires: Requires) -> Worker | None:
-        best: Worker | None = None
-        for worker in self._workers.values():
-            if worker.credit <= 0 or any(worker.labels.get(k) != v for k, v in requires):
-                continue
-            if best is None or (worker.credit, -worker.turn) > (best.credit, -best.turn):
-                best = worker
-        return best
 
     def _requeue(self, task: Task, worker: Worker, reason: str | None, now: float) -> list[Out]:
         worker.running.discard(task.key)
@@ -496,7 +448,7 @@ class Scheduler:
     ) -> list[Out]:
         outs: list[Out] = []
         if task.state is State.QUEUED:
-            self._unqueue(task)
+            self._lanes.remove(task)
         elif task.worker is not None:
             # a late result of an earlier attempt won: stop the re-run
             self._workers[task.worker].running.discard(task.key)
@@ -510,18 +462,17 @@ class Scheduler:
         client = self._clients.get(task.owner)
         if client is not None and client.present:
             outs.append((task.owner, task.result))
+            self._acks.resulted(task.owner, task.result.task)
         else:
             self._hold(task.key, now)
         return outs
 
     def _hold(self, key: bytes, now: float) -> None:
-        self._held[key] = now + self.limits.result_ttl
-        self._held.move_to_end(key)
-        while len(self._held) > self.limits.result_limit:
-            self._expire(next(iter(self._held)))
+        for old in self._held.add(key, now):
+            self._expire(old)
 
     def _expire(self, key: bytes) -> None:
-        self._held.pop(key, None)
+        self._held.discard(key)
         task = self._tasks.get(key)
         if task is None:
             return
@@ -537,14 +488,11 @@ class Scheduler:
 
     def _forget(self, task: Task) -> None:
         del self._tasks[task.key]
-        self._held.pop(task.key, None)
+        self._held.discard(task.key)
         self._bytes -= task.size
 
     def _tombstone(self, key: bytes, now: float) -> None:
-        self._tombstones[key] = now + self.limits.tombstone_ttl
-        self._tombstones.move_to_end(key)
-        while len(self._tombstones) > self.limits.tombstone_limit:
-            self._tombstones.popitem(last=False)
+        self._tombstones.add(key, now)
 
     def _drop_client_if_idle(self, session: bytes) -> None:
         client = self._clients.get(session)

@@ -1,10 +1,11 @@
 """The broker process: one ROUTER socket, one poll loop; the only module with sockets and a clock.
 
 Each loop iteration takes what arrived (ZAP requests, then up to a batch of
-messages), feeds it to the scheduler, services and session table, commits the
-journal once, and only then sends the replies, so an ACK never leaves before
-its task is journaled (group commit). Heartbeats and deadlines are checked a
-few times per heartbeat interval.
+messages), feeds it to the session table (``sessions.py``), which hands it to
+the scheduler and services, commits the journal once, and only then sends
+the replies, so an ACK never leaves before its task is journaled (group
+commit). Heartbeats, deadlines and the batched ACKs of quiet peers are dealt
+with a few times per heartbeat interval (the tick).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,9 +30,10 @@ from fabric.broker.auth import ZapHandler, check_libzmq, configure_server, self_
 from fabric.broker.journal import FsyncPolicy, Journal
 from fabric.broker.keys import Keyring
 from fabric.broker.objects import ObjectRouter
-from fabric.broker.scheduler import Admission, Limits, Out, Scheduler, SchedulerStats
+from fabric.broker.scheduler import Limits, Scheduler, SchedulerStats
 from fabric.broker.service import Service
-from fabric.errors import AuthenticationError, FabricError, ProtocolError, VersionMismatchError
+from fabric.broker.sessions import Sessions, local_runtime
+from fabric.errors import AuthenticationError, FabricError
 
 __all__ = ["Broker", "BrokerStats", "is_loopback"]
 
@@ -59,35 +61,12 @@ class BrokerStats(NamedTuple):
     journal: bool
 
 
-@dataclass(eq=False)
-class _Session:
-    id: bytes
-    route: bytes
-    role: str
-    name: str
-    user: str
-    runtime: str
-    last_sent: float = 0.0
-
-
 def is_loopback(endpoint: str) -> bool:
     """Return True if ``endpoint`` can only be reached from this machine."""
     if endpoint.startswith(("ipc://", "inproc://")):
         return True
     host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
     return host in _LOOPBACK_HOSTS or host.startswith("127.")
-
-
-def runtime_tag(python: str, cloudpickle: str) -> str:
-    """Return the compatibility tag of a peer: Python X.Y and cloudpickle X.Y must match."""
-    return "py{}/cloudpickle{}".format(*(".".join(v.split(".")[:2]) for v in (python, cloudpickle)))
-
-
-def local_runtime() -> tuple[str, str]:
-    """Return this process's Python and cloudpickle versions (without importing cloudpickle)."""
-    from importlib.metadata import version
-
-    return platform.python_version(), version("cloudpickle")
 
 
 class Broker:
@@ -132,15 +111,10 @@ class Broker:
         self._fsync: FsyncPolicy = fsync
         services = tuple(services)
         self._objects = ObjectRouter(services)
-        # In-loop services unpickle what peers send in this process, so with any
-        # service every peer must run this process's runtime: refuse the others
-        # at HELLO, naming both, rather than fail later inside unpickling.
-        self._runtime = local_runtime() if services else None
         self.heartbeat = heartbeat
         self.liveness = liveness
         # the deadline the broker enforces is the one it announces in WELCOME
         self._limits = replace(limits or Limits(), liveness_timeout=heartbeat * liveness)
-        self._max_sessions = max_sessions
         self._max_message_bytes = max_message_bytes
         self._instance = os.urandom(16)
         self._lock = threading.Lock()
@@ -151,13 +125,19 @@ class Broker:
         self._address: str | None = None
         self._closed = False
         self._sched = Scheduler(self._limits)
-        self._sessions: dict[bytes, _Session] = {}
-        self._routes: dict[bytes, _Session] = {}
-        self._owners: dict[bytes, str] = {}  # session id -> the User-Id that owns it
-        self._warned: set[tuple[bytes, tuple[tuple[str, str], ...]]] = set()
-        self._counts = {"malformed": 0, "forbidden": 0, "refused": 0}
-        self._outbox: list[Out] = []  # to sessions, sent after the journal commit
-        self._direct: list[tuple[bytes, p.Message]] = []  # to connections without a session
+        self._sessions = Sessions(
+            self._sched,
+            self._objects,
+            heartbeat=heartbeat,
+            liveness=liveness,
+            instance=self._instance,
+            # In-loop services unpickle what peers send in this process, so with any
+            # service every peer must run this process's runtime: refuse the others
+            # at HELLO, naming both, rather than fail later inside unpickling.
+            runtime=local_runtime() if services else None,
+            max_sessions=max_sessions,
+        )
+        self._sessions.stats_map = self._stats_map
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._zap: ZapHandler | None = None
         self._done_samples: deque[tuple[float, int]] = deque(maxlen=41)  # ~10 s of ticks
@@ -268,7 +248,7 @@ class Broker:
         socket instead).
         """
         with self._lock:
-            peer = self._sessions.get(session)
+            peer = self._sessions.by_id.get(session)
             if peer is None or self._context is None or type(message) not in p.SENDABLE[peer.role]:
                 raise LookupError("not an open session of this broker")
             mine: list[p.Reply] = []
@@ -278,7 +258,7 @@ class Broker:
                     mine.append(out)
                     answered = answered or out.call == message.call
                 else:
-                    self._outbox.append((sid, out))
+                    self._sessions.outbox.append((sid, out))
                     others = True
             if not answered:
                 parked()
@@ -313,6 +293,7 @@ class Broker:
             if self._keyring is not None:
                 check_libzmq()
                 zap = self._zap = ZapHandler(context, self._keyring)  # bound before the ROUTER
+                self._sessions.identify = zap.identity
                 self_test(context, zap)
                 configure_server(router, self._keyring)
             self._configure(router)
@@ -320,7 +301,8 @@ class Broker:
             self._address = router.getsockopt_string(zmq.LAST_ENDPOINT)
             wake.bind(self._wake_address)
             if journal is not None:
-                self._replay(journal, time.monotonic())
+                self._sessions.journal = journal
+                self._sessions.replay(journal, time.monotonic())
             log.info(
                 "broker serving on %s (%s, journal %s)",
                 self._address,
@@ -371,10 +353,12 @@ class Broker:
                 if zap is not None and zap.socket in events:
                     zap.serve()
                 if router in events:
-                    self._drain(router, zap, journal, now)
-                if now >= next_tick:
+                    self._drain(router, zap, now)
+                ticking = now >= next_tick
+                if ticking:
                     self._tick(now)
                     next_tick = now + period
+                self._sessions.outbox += self._sched.acks(everything=ticking)
                 if journal is not None:
                     for key in self._sched.drop_expired():
                         journal.done(key)  # an expired result is never run again
@@ -383,28 +367,29 @@ class Broker:
             if wake in events:
                 wake.recv()
 
-    def _drain(
-        self, router: zmq.Socket[bytes], zap: ZapHandler | None, journal: Journal | None, now: float
-    ) -> None:
+    def _drain(self, router: zmq.Socket[bytes], zap: ZapHandler | None, now: float) -> None:
+        receive = self._sessions.receive
         for _ in range(_BATCH):
             try:
                 frames = router.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
             user = str(frames[0].get("User-Id")) if zap is not None else ""
-            self._receive(frames[0].bytes, user, [f.buffer for f in frames[1:]], zap, journal, now)
+            receive(frames[0].bytes, user, [f.buffer for f in frames[1:]], now)
 
     def _flush(self, router: zmq.Socket[bytes], now: float) -> None:
-        for route, message in self._direct:
+        sessions = self._sessions
+        for route, message in sessions.direct:
             self._send(router, route, message)
-        self._direct.clear()
-        for session_id, message in self._outbox:
-            session = self._sessions.get(session_id)
+        sessions.direct.clear()
+        by_id = sessions.by_id
+        for session_id, message in sessions.outbox:
+            session = by_id.get(session_id)
             if session is None:
                 continue  # absent: the scheduler keeps what it must re-send
             self._send(router, session.route, message)
             session.last_sent = now
-        self._outbox.clear()
+        sessions.outbox.clear()
 
     def _send(self, router: zmq.Socket[bytes], route: bytes, message: p.Message) -> None:
         *parts, last = p.encode(message)
@@ -416,237 +401,23 @@ class Broker:
         except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (peer not reading)
             log.info("dropped %s to a peer that cannot take it: %s", type(message).__name__, exc)
 
-    # --- messages ------------------------------------------------------------------
-
-    def _receive(
-        self,
-        route: bytes,
-        user: str,
-        frames: list[memoryview],
-        zap: ZapHandler | None,
-        journal: Journal | None,
-        now: float,
-    ) -> None:
-        direct: list[tuple[bytes, p.Message]] = []
-        try:
-            message = p.decode(frames)
-        except VersionMismatchError as exc:
-            hello = len(frames[0]) > 3 and frames[0][3] == p.Hello.TYPE
-            direct.append(
-                (route, p.Refuse("version", str(exc)) if hello else p.Error("version", str(exc)))
-            )
-            message = None
-        except ProtocolError as exc:
-            self._counts["malformed"] += 1
-            direct.append((route, p.Error("malformed", str(exc))))
-            message = None
-        session = self._routes.get(route)
-        if message is None:
-            pass
-        elif isinstance(message, p.Hello):
-            direct += self._hello(route, user, message, zap, now)
-        elif session is None:
-            direct.append((route, p.Error("hello-required", "send HELLO first")))
-        elif session.user != user:
-            log.warning("message on session %s under another key: dropped", session.id.hex())
-        elif type(message) not in p.SENDABLE[session.role]:
-            self._counts["forbidden"] += 1
-            text = f"a {session.role} may not send {type(message).__name__.upper()}"
-            direct.append((route, p.Error("forbidden", text)))
-        else:
-            self._sched.touch(session.id, now)
-            self._handle(session, message, journal, now)
-        self._direct += direct
-
-    def _hello(
-        self, route: bytes, user: str, hello: p.Hello, zap: ZapHandler | None, now: float
-    ) -> list[tuple[bytes, p.Message]]:
-        refusal = self._refusal(user, hello, zap)
-        if refusal is not None:
-            self._counts["refused"] += 1
-            log.warning("refused %s %r: %s", hello.role, hello.name, refusal.reason)
-            return [(route, refusal)]
-        old = self._sessions.get(hello.session)
-        resumed = old is not None or hello.session in self._owners
-        if old is not None:
-            self._routes.pop(old.route, None)
-        stale = self._routes.get(route)
-        if stale is not None and stale.id != hello.session:
-            self._end(stale, now, "replaced by a new HELLO on its connection")
-        runtime = runtime_tag(hello.python, hello.cloudpickle)
-        session = _Session(hello.session, route, hello.role, hello.name, user, runtime, now)
-        self._sessions[session.id] = self._routes[route] = session
-        self._owners[session.id] = user
-        welcome = p.Welcome(session.id, self.heartbeat, self.liveness, self._instance, resumed)
-        self._outbox.append((session.id, welcome))
-        if hello.role == "worker":
-            labels = {**hello.labels, "runtime": runtime}
-            self._outbox += self._sched.add_worker(
-                session.id,
-                now,
-                name=hello.name,
-                host=hello.host,
-                pid=hello.pid,
-                capacity=hello.capacity,
-                labels=labels,
-            )
-        elif hello.role in ("client", "host"):
-            self._outbox += self._sched.add_client(session.id, now)
-            if hello.role == "host":
-                self._objects.add_host(hello.name, session.id)
-        else:
-            self._sched.add_peer(session.id, now)
-        log.info(
-            "%s %r %s session %s",
-            hello.role,
-            hello.name,
-            "resumed" if resumed else "opened",
-            session.id.hex(),
-        )
-        return []
-
-    def _refusal(self, user: str, hello: p.Hello, zap: ZapHandler | None) -> p.Refuse | None:
-        if zap is not None:
-            identity = zap.identity(user)
-            if identity is None or hello.role not in identity.roles:
-                allowed = sorted(identity.roles) if identity else []
-                return p.Refuse(
-                    "role", f"this key may not act as {hello.role} (allowed: {allowed})"
-                )
-        if self._runtime is not None and hello.role != "admin":
-            ours = runtime_tag(*self._runtime)
-            if runtime_tag(hello.python, hello.cloudpickle) != ours:
-                python, cloudpickle = self._runtime
-                return p.Refuse(
-                    "runtime",
-                    f"{hello.role} {hello.name!r} runs Python {hello.python} with cloudpickle "
-                    f"{hello.cloudpickle}, but this cluster runs Python {python} with cloudpickle "
-                    f"{cloudpickle}: install matching versions (X.Y must agree)",
-                )
-        owner = self._owners.get(hello.session)
-        if owner is not None and owner != user:
-            return p.Refuse("session", "this session belongs to another key")
-        old = self._sessions.get(hello.session)
-        if old is not None and old.role != hello.role:
-            return p.Refuse("session", f"this session is a {old.role}, not a {hello.role}")
-        if hello.role == "host":
-            taken = self._objects.refusal(hello.name, hello.session)
-            if taken is not None:
-                return p.Refuse("name", taken)
-        if old is None and len(self._sessions) >= self._max_sessions:
-            return p.Refuse("busy", f"the broker holds {self._max_sessions} sessions")
-        return None
-
-    def _handle(
-        self, session: _Session, message: p.Message, journal: Journal | None, now: float
-    ) -> None:
-        sid, sched, out = session.id, self._sched, self._outbox
-        match message:
-            case p.Submit(task=task, requires=requires, payload=payload):
-                requires = {**requires, "runtime": session.runtime}
-                verdict, outs = sched.submit(sid, task, payload, now, requires)
-                if verdict is Admission.ACCEPTED:
-                    if journal is not None:
-                        journal.submit(sid, task, requires, payload, session.user)
-                    self._warn_if_unrunnable(session, requires)
-                out += outs
-            case p.Result():
-                out += sched.result(sid, message, now)
-            case p.Credit(n=n):
-                out += sched.credit(sid, n)
-            case p.Done(tasks=tasks):
-                for key in sched.done(sid, tasks, now):
-                    if journal is not None:
-                        journal.done(key)
-            case p.Cancel(task=task):
-                out += sched.cancel(sid, task, now)
-            case p.Create() | p.Call():
-                out += self._objects.call(sid, message)
-            case p.Reply():
-                out += self._objects.reply(sid, message)
-            case p.Status():
-                out.append((sid, p.Stats(self._stats_map(now))))
-            case p.Bye():
-                self._end(session, now, None)
-            case p.Error(code=code, message=text):
-                log.info("%s %r reports error %r: %r", session.role, session.name, code, text)
-            case _:  # Heartbeat: touching the session was all
-                pass
-
-    def _warn_if_unrunnable(self, session: _Session, requires: dict[str, str]) -> None:
-        # version skew is the most common cluster mistake: name both sides, once per client
-        key = (session.id, tuple(sorted(requires.items())))
-        if key in self._warned or self._sched.runnable(requires):
-            return
-        if len(self._warned) < 10_000:
-            self._warned.add(key)
-        log.warning(
-            "client %r submits tasks needing %s; no connected worker matches (workers run %s)",
-            session.name,
-            requires,
-            sorted(self._sched.worker_labels("runtime")),
-        )
-
-    def _end(self, session: _Session, now: float, reason: str | None) -> None:
-        """End a session: BYE (``reason`` None) or lost."""
-        self._sessions.pop(session.id, None)
-        if self._routes.get(session.route) is session:
-            del self._routes[session.route]
-        self._outbox += self._sched.remove(session.id, now, reason)
-        self._session_gone(session.id)
-        log.info(
-            "%s %r session %s ended: %s",
-            session.role,
-            session.name,
-            session.id.hex(),
-            reason or "bye",
-        )
-
-    def _session_gone(self, sid: bytes) -> None:
-        self._outbox += self._objects.session_gone(sid)
-
     def _tick(self, now: float) -> None:
         if not self._done_samples or now - self._done_samples[-1][0] >= 0.25:
             self._done_samples.append((now, self._sched.statistics(now).tasks_done))
-        dead, outs = self._sched.tick(now)
-        self._outbox += outs
-        for sid in dead:
-            session = self._sessions.pop(sid, None)
-            if session is not None:
-                if self._routes.get(session.route) is session:
-                    del self._routes[session.route]
-                self._session_gone(sid)
-                log.warning("%s %r lost: no heartbeat", session.role, session.name)
-        # a session's owner is remembered while it lives or has tasks, so memory stays bounded
-        for sid in [sid for sid in self._owners if sid not in self._sessions]:
-            if not self._sched.holds_tasks_of(sid):
-                del self._owners[sid]
-        self._outbox += [
-            (s.id, p.Heartbeat())
-            for s in self._sessions.values()
-            if now - s.last_sent >= self.heartbeat
-        ]
-
-    def _replay(self, journal: Journal, now: float) -> None:
-        live, forgotten = journal.replay()
-        for key in forgotten:
-            self._sched.forget(key, now)
-        for entry in live:
-            self._sched.restore(entry.session, entry.task, entry.payload, now, entry.requires)
-            self._owners[entry.session] = entry.user
-        log.info("journal replayed: %d tasks to run, %d forgotten", len(live), len(forgotten))
+        self._sessions.tick(now)
 
     # --- statistics ----------------------------------------------------------------
 
     def _statistics(self) -> BrokerStats:
         zap = self._zap
+        counts = self._sessions.counts
         return BrokerStats(
             tasks=self._sched.statistics(time.monotonic()),
-            sessions=len(self._sessions),
+            sessions=len(self._sessions.by_id),
             hosts=len(self._objects.hosts),
-            malformed=self._counts["malformed"],
-            forbidden=self._counts["forbidden"],
-            refused=self._counts["refused"],
+            malformed=counts["malformed"],
+            forbidden=counts["forbidden"],
+            refused=counts["refused"],
             auth_allowed=zap.allowed if zap is not None else 0,
             auth_denied=zap.denied if zap is not None else 0,
             journal=self._journal_path is not None,

@@ -1,4 +1,4 @@
-"""The rows of the scheduler's table (tasks, workers, clients) and the records it reports."""
+"""The scheduler's data: its knobs, the rows of its table (tasks, workers, clients), its records."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import NamedTuple
 from fabric.broker.protocol import SESSION_BYTES, Payload, Result
 
 __all__ = [
+    "Admission",
     "Client",
+    "Limits",
     "Requires",
     "SchedulerStats",
     "State",
@@ -20,6 +22,30 @@ __all__ = [
 ]
 
 Requires = tuple[tuple[str, str], ...]
+
+
+class Admission(enum.Enum):
+    """What became of a SUBMIT."""
+
+    ACCEPTED = "accepted"  # new: journal it, then send the ACK
+    KNOWN = "known"  # a re-send of a task still held: ACK again, nothing to journal
+    REJECTED = "rejected"  # busy, duplicate or too large: a REJECT is on its way
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The scheduler's knobs (see ``docs/protocol.md``)."""
+
+    max_tasks: int = 100_000
+    max_bytes: int = 1 << 30
+    max_retries: int = 3
+    poison_limit: int = 3
+    liveness_timeout: float = 10.0
+    result_limit: int = 10_000
+    result_ttl: float = 3600.0
+    tombstone_limit: int = 100_000
+    tombstone_ttl: float = 3600.0
+    busy_retry_after: float = 0.05
 
 
 class State(enum.Enum):

@@ -71,6 +71,10 @@ from fabric.remote._link import Link, LinkRefused, Runtime, compatible
 log = logging.getLogger(__name__)
 
 _RETRY_S = 0.05  # how often a thread waiting on the socket or a latch looks again
+# The broker keeps a result until the client DONEs it; DONEs wait to travel many to a
+# message (at most 256 ids: far below the protocol's 64 KiB control frame).
+_DONE_BATCH = 256
+_DONE_DELAY_S = 0.05
 
 ResultCallback = Callable[[str, str, bytes], None]
 """Called once per task, on the I/O thread, with (status, message, payload)."""
@@ -157,7 +161,8 @@ class Connection:
         self._outbox: list[Message] = []
         self._calls: dict[int, _Pending] = {}
         self._tasks: dict[bytes, _Task] = {}
-        self._done: list[bytes] = []
+        self._done: list[bytes] = []  # results held here, DONE'd in batches
+        self._done_due = 0.0
         self._seq = itertools.count(1)
         self._wake_r, self._wake_w = os.pipe()
         self._input_r, self._input_w = os.pipe()  # "input is pending" for the receiver
@@ -454,6 +459,7 @@ class Connection:
         finally:
             with self._sock_lock:
                 if self._closing:
+                    self._flush(force=True)
                     self._link.say_bye(Bye())
                 self._link.close_socket()
             if self._closing:
@@ -463,7 +469,10 @@ class Connection:
     def _loop(self) -> None:
         while not self._closing:
             now = time.monotonic()
-            self._turn(min(self._link.next_tick(now), self._next_resend(now) - now))
+            wait = min(self._link.next_tick(now), self._next_resend(now) - now)
+            if self._done:
+                wait = min(wait, self._done_due - now)
+            self._turn(wait)
 
     def _turn(self, timeout: float) -> None:
         """Sleep until input, a wake-up or ``timeout``; then do all the socket work due."""
@@ -524,14 +533,17 @@ class Connection:
             self._receiver.release()
         return watch
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = False) -> None:
+        """Send what is queued; DONE only once a batch is full, due, or ``force``d."""
         if not self._link.ready:
             return
         with self._lock:
             outbox, self._outbox = self._outbox, []
-            done, self._done = self._done, []
-        if done:
-            outbox.append(Done(tasks=tuple(done)))
+            done: list[bytes] = []
+            if len(self._done) >= _DONE_BATCH or force or time.monotonic() >= self._done_due:
+                done, self._done = self._done, []
+        for start in range(0, len(done), _DONE_BATCH):
+            outbox.append(Done(tasks=tuple(done[start : start + _DONE_BATCH])))
         for sent, message in enumerate(outbox):
             if not self._link.send(message):  # the socket is full: keep the rest, in order
                 with self._lock:
@@ -556,9 +568,10 @@ class Connection:
         if isinstance(message, Reply):
             self._replied(message)
         elif isinstance(message, Ack):
-            task = self._tasks.get(message.task)
-            if task is not None:
-                task.acked = True
+            for acked in message.tasks:
+                task = self._tasks.get(acked)
+                if task is not None:
+                    task.acked = True
         elif isinstance(message, Reject):
             return self._rejected(message)
         elif isinstance(message, Create | Call | Gone) and self._host is not None:
@@ -577,6 +590,8 @@ class Connection:
     def _result(self, message: Result) -> list[Callable[[], None]]:
         with self._lock:
             task = self._tasks.pop(message.task, None)
+            if not self._done:
+                self._done_due = time.monotonic() + _DONE_DELAY_S
             self._done.append(message.task)
         if task is None:
             return []  # a result re-sent after a resume: already delivered, DONE it again

@@ -177,7 +177,8 @@ class WorkerNode:
         if isinstance(message, Dispatch):
             self._start(message)
         elif isinstance(message, Ack):
-            self._unacked.pop((message.task, message.attempt), None)
+            for key in zip(message.tasks, message.attempts, strict=False):
+                self._unacked.pop(key, None)
         elif isinstance(message, Cancel):
             self._cancel(message)
 

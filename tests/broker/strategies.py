@@ -24,6 +24,7 @@ _BY_HINT: dict[Any, st.SearchStrategy[Any]] = {
     bool: st.booleans(),
     float: st.floats(min_value=0, max_value=1e9, allow_nan=False),
     tuple[bytes, ...]: st.lists(ids, max_size=8).map(tuple),
+    tuple[int, ...]: st.lists(counts, max_size=8).map(tuple),
     dict[str, str]: st.dictionaries(texts, texts, max_size=4),
     dict[str, Any]: st.dictionaries(texts, st.one_of(counts, texts, st.booleans()), max_size=4),
 }
@@ -39,7 +40,18 @@ _SPECIAL: dict[tuple[type[p.Message], str], st.SearchStrategy[Any]] = {
 }
 
 
+def _acks() -> st.SearchStrategy[p.Message]:
+    # attempts are empty (to a client) or one per task (to a worker)
+    to_client = st.lists(ids, max_size=8).map(lambda tasks: p.Ack(tuple(tasks)))
+    to_worker = st.lists(st.tuples(ids, counts), max_size=8).map(
+        lambda pairs: p.Ack(tuple(t for t, _ in pairs), tuple(a for _, a in pairs))
+    )
+    return st.one_of(to_client, to_worker)
+
+
 def message_of(cls: type[p.Message]) -> st.SearchStrategy[p.Message]:
+    if cls is p.Ack:
+        return _acks()
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -48,8 +48,8 @@ def test_decode_accepts_memoryviews() -> None:
 
 
 def test_unknown_keys_are_ignored_and_defaults_fill_in() -> None:
-    frames = _frames(p.Ack.TYPE, {"task": b"t", "future": [1, 2]})
-    assert p.decode(frames) == p.Ack(task=b"t", attempt=0)
+    frames = _frames(p.Ack.TYPE, {"tasks": [b"t"], "future": [1, 2]})
+    assert p.decode(frames) == p.Ack(tasks=(b"t",), attempts=())
 
 
 @pytest.mark.parametrize(
@@ -58,15 +58,17 @@ def test_unknown_keys_are_ignored_and_defaults_fill_in() -> None:
         ([], "empty"),
         ([b"FB"], "magic"),
         ([b"XX\x01\x04\x80"], "magic"),
-        ([b"FB\x01\x00\x80"], "unknown message type"),
+        ([b"FB\x02\x00\x80"], "unknown message type"),
         (_frames(p.Credit.TYPE, {}), "lacks field 'n'"),
         (_frames(p.Credit.TYPE, {"n": -1}), "non-negative"),
         (_frames(p.Credit.TYPE, {"n": True}), "non-negative"),
         (_frames(p.Credit.TYPE, {"n": 2**63}), "non-negative"),
         (_frames(p.Credit.TYPE, [1]), "not a msgpack map"),
         (_frames(p.Credit.TYPE, {"n": 1}, b"payload"), "takes no payload"),
-        (_frames(p.Ack.TYPE, {"task": "text"}), "expected bytes"),
-        (_frames(p.Ack.TYPE, {"task": b"x" * 97}), "at most 96"),
+        (_frames(p.Ack.TYPE, {"tasks": ["text"]}), "expected bytes"),
+        (_frames(p.Ack.TYPE, {"tasks": [b"x" * 97]}), "at most 96"),
+        (_frames(p.Ack.TYPE, {"tasks": [b"x"], "attempts": [1, 2]}), "one to one"),
+        (_frames(p.Ack.TYPE, {"tasks": [b"x"], "attempts": [-1]}), "non-negative"),
         (_frames(p.Submit.TYPE, {"task": b"x" * 65}), "task id over 64"),
         (_frames(p.Done.TYPE, {"tasks": [b"x" * 65]}), "task id over 64"),
         (
@@ -102,11 +104,11 @@ def test_unknown_keys_are_ignored_and_defaults_fill_in() -> None:
         (_frames(p.Result.TYPE, {"task": b"t", "attempt": 1, "status": "great"}), "status"),
         (_frames(p.Submit.TYPE, {"task": b"t", "requires": {"a": 1}}), "expected str"),
         (_frames(p.Done.TYPE, {"tasks": [b"a", 1]}), "expected bytes"),
-        ([b"FB\x01\x16" + b"\xc1"], "not valid msgpack"),
-        ([b"FB\x01\x16" + msgpack.packb({"tasks": []}) + b"\x00"], "not valid msgpack"),
-        ([b"FB\x01\x16" + b"\x91" * 2000], "not valid msgpack"),
-        ([b"FB\x01\x16" + msgpack.packb(msgpack.ExtType(1, b"x"))], "not valid msgpack"),
-        ([b"FB\x01\x16" + b"\x80" + b"\x00" * p.MAX_CONTROL_BYTES], "over"),
+        ([b"FB\x02\x16" + b"\xc1"], "not valid msgpack"),
+        ([b"FB\x02\x16" + msgpack.packb({"tasks": []}) + b"\x00"], "not valid msgpack"),
+        ([b"FB\x02\x16" + b"\x91" * 2000], "not valid msgpack"),
+        ([b"FB\x02\x16" + msgpack.packb(msgpack.ExtType(1, b"x"))], "not valid msgpack"),
+        ([b"FB\x02\x16" + b"\x80" + b"\x00" * p.MAX_CONTROL_BYTES], "over"),
         (_frames(p.Submit.TYPE, {"task": b"t"}, *[b""] * (p.MAX_PAYLOAD_FRAMES + 1)), "payload"),
     ],
 )

@@ -8,6 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from fabric.broker.acks import BATCH
 from fabric.broker.protocol import Ack, Cancel, Dispatch, Message, Reject, Result
 from fabric.broker.scheduler import Admission, Limits, Out, Scheduler
 
@@ -34,13 +35,13 @@ def test_submit_acks_then_dispatches_to_a_worker_with_credit() -> None:
     s.add_client(A, 0)
     verdict, outs = s.submit(A, b"t1", (b"call",), 0)
     assert verdict is Admission.ACCEPTED
-    assert sent(outs, Ack, A) == [Ack(b"t1")]
-    assert not dispatches(outs)
+    assert not outs and not s.acks(everything=False)  # ACKs wait for a batch or a tick
+    assert s.acks(everything=True) == [(A, Ack((b"t1",)))]
     outs = s.add_worker(W1, 0, capacity=1)
     assert dispatches(outs) == [(W1, Dispatch(A + b"t1", 1, (b"call",)))]
     outs = finish(s, W1, dispatches(outs)[0][1])
-    assert sent(outs, Ack, W1) == [Ack(A + b"t1", 1)]
     assert sent(outs, Result, A) == [Result(b"t1", 1, "ok", payload=(b"v",))]
+    assert s.acks(everything=True) == [(W1, Ack((A + b"t1",), (1,)))]
     assert s.done(A, (b"t1",), 0) == [A + b"t1"]
     s.check_invariants()
     stats = s.statistics(0)
@@ -52,9 +53,11 @@ def test_resubmit_of_a_known_task_is_not_queued_twice_and_a_done_one_is_refused(
     s = Scheduler()
     s.add_client(A, 0)
     assert s.submit(A, b"t", (b"x",), 0)[0] is Admission.ACCEPTED
+    s.acks(everything=True)
     verdict, outs = s.submit(A, b"t", (b"x",), 0)
     assert verdict is Admission.KNOWN
-    assert outs == [(A, Ack(b"t"))]
+    assert not outs
+    assert s.acks(everything=True) == [(A, Ack((b"t",)))]  # acknowledged again
     assert s.statistics(0).queued == 1
     (_, d), *_ = dispatches(s.add_worker(W1, 0, capacity=5))
     finish(s, W1, d)
@@ -134,7 +137,7 @@ def test_dispatch_spreads_over_workers_by_free_credit() -> None:
     for i in range(4):
         outs += s.submit(A, b"%d" % i, (), 0)[1]
     assert Counter(dest for dest, _ in dispatches(outs)) == {W1: 2, W2: 2}
-    assert s.submit(A, b"5", (), 0)[1] == [(A, Ack(b"5"))]  # no credit left: stays queued
+    assert s.submit(A, b"5", (), 0)[1] == []  # no credit left: stays queued
 
 
 def test_requirements_route_only_to_matching_workers() -> None:
@@ -211,8 +214,9 @@ def test_first_result_wins_and_the_rerun_is_cancelled() -> None:
     outs = finish(s, W1, d1)
     assert sent(outs, Result, A) == [Result(b"t", 1, "ok", payload=(b"v",))]
     assert sent(outs, Cancel, W2) == [Cancel(A + b"t", 2)]
+    s.acks(everything=True)
     outs = finish(s, W2, d2)
-    assert sent(outs, Ack, W2) == [Ack(A + b"t", 2)]
+    assert s.acks(everything=True) == [(W2, Ack((A + b"t",), (2,)))]
     assert not sent(outs, Result, A)
     assert s.statistics(2).duplicates == 1
     s.check_invariants()
@@ -415,3 +419,40 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=500, stateful_step_count=40, deadline=None
 )
 test_scheduler_state_machine = SchedulerMachine.TestCase
+
+
+def test_acks_travel_in_batches_and_a_result_acknowledges_its_submit() -> None:
+    s = Scheduler()
+    s.add_client(A, 0)
+    for i in range(BATCH - 1):
+        s.submit(A, b"%d" % i, (), 0)
+    assert not s.acks(everything=False)
+    s.submit(A, b"last", (), 0)  # a full batch leaves without waiting for the tick
+    ((dest, ack),) = s.acks(everything=False)
+    assert dest == A and isinstance(ack, Ack) and len(ack.tasks) == BATCH and not ack.attempts
+    s.submit(A, b"x", (), 0)
+    s.submit(A, b"y", (), 0)
+    ((_, d), *_) = dispatches(s.add_worker(W1, 0, capacity=1))
+    assert d.task == A + b"0"
+    finish(s, W1, d)
+    s.cancel(A, b"y", 0)  # a broker-made RESULT acknowledges too
+    assert s.acks(everything=True) == [(A, Ack((b"x",))), (W1, Ack((A + b"0",), (1,)))]
+
+
+def test_a_result_without_credit_is_acknowledged_at_once() -> None:
+    s = Scheduler()
+    s.add_client(A, 0)
+    s.submit(A, b"t", (), 0)
+    ((_, d),) = dispatches(s.add_worker(W1, 0, capacity=1))
+    s.acks(everything=True)
+    s.result(W1, Result(d.task, d.attempt, "ok", credit=0), 0)  # a draining worker
+    assert s.acks(everything=False) == [(W1, Ack((d.task,), (1,)))]
+
+
+def test_an_ack_batch_is_split_below_the_control_frame_limit() -> None:
+    s = Scheduler()
+    s.add_client(A, 0)
+    for i in range(BATCH * 2 + 3):
+        s.submit(A, b"%d" % i, (), 0)
+    sizes = [len(ack.tasks) for _, ack in s.acks(everything=True) if isinstance(ack, Ack)]
+    assert sizes == [BATCH, BATCH, 3]
