@@ -1,6 +1,9 @@
 """Pool and Executor against multiprocessing, concurrent.futures, loky and mpire.
 
-Four tables, every row measured in the same run with the same worker count:
+Four tables, every row measured in the same run with the same worker count,
+each candidate once per round (a fresh pool each time), so a burst of load on
+the shared machine hits every candidate alike instead of whichever ran during
+it:
 
 * per-task throughput on 20k no-op tasks, each task sent on its own
   (``submit``/``apply_async``, or ``imap_unordered`` with ``chunksize=1``);
@@ -18,6 +21,7 @@ and named in the table's note.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import importlib.util
 import multiprocessing
 import os
@@ -170,41 +174,52 @@ def _shut(pool: Any) -> None:
             pool.join()
 
 
-def _throughput(
-    maker: Callable[[int], Any],
-    runner: Callable[..., None],
-    fn: Any,
-    items: list[Any],
-    workers: int,
-    repeats: int,
-) -> Stats:
+def _interleaved(measures: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[Any]]:
+    """Measure every candidate once per round, ``repeats`` rounds."""
+    values: dict[str, list[Any]] = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, measure in measures.items():
+            values[name].append(measure())
+    return values
+
+
+def _rate(
+    maker: Callable[[int], Any], runner: Callable[..., None], items: list[Any], workers: int
+) -> float:
+    """Return tasks/s of one run of ``runner`` over no-op tasks, on a fresh, warmed-up pool."""
     pool = maker(workers)
     try:
-        runner(pool, fn, items[: max(1, len(items) // 10)])  # warm up: workers started
-        rates = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner(pool, fn, items)
-            rates.append(len(items) / (time.perf_counter() - start))
-        return Stats(tuple(rates))
+        runner(pool, noop, items[: max(1, len(items) // 10)])  # warm up: workers started
+        start = time.perf_counter()
+        runner(pool, noop, items)
+        return len(items) / (time.perf_counter() - start)
     finally:
         _shut(pool)
 
 
-def _startup(maker: Callable[[int], Any], workers: int, repeats: int) -> Stats:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        pool = maker(workers)
-        try:
-            if hasattr(pool, "submit"):
-                pool.submit(noop, 1).result()
-            else:
-                pool.apply_async(noop, (1,)).get()
-            times.append((time.perf_counter() - start) * 1e3)
-        finally:
-            _shut(pool)
-    return Stats(tuple(times))
+def _throughput_table(table: Table, candidates: dict[str, Any], workers: int, repeats: int) -> None:
+    items = list(range(N_NOOP))
+    measures = {
+        name: functools.partial(_rate, maker, runner, items, workers)
+        for name, (maker, runner) in candidates.items()
+        if _available(name)
+    }
+    for name, rates in _interleaved(measures, repeats).items():
+        table.add(name, Stats(tuple(rates)))
+
+
+def _startup(maker: Callable[[int], Any], workers: int) -> float:
+    """Return the ms from the constructor to the first result of a trivial task."""
+    start = time.perf_counter()
+    pool = maker(workers)
+    try:
+        if hasattr(pool, "submit"):
+            pool.submit(noop, 1).result()
+        else:
+            pool.apply_async(noop, (1,)).get()
+        return (time.perf_counter() - start) * 1e3
+    finally:
+        _shut(pool)
 
 
 def run(repeats: int) -> list[Table]:
@@ -222,11 +237,7 @@ def run(repeats: int) -> list[Table]:
         baseline="mp.Pool.imap_unordered chunksize=1",
         note=note,
     )
-    for name, (maker, runner) in PER_TASK.items():
-        if _available(name):
-            per_task.add(
-                name, _throughput(maker, runner, noop, list(range(N_NOOP)), workers, repeats)
-            )
+    _throughput_table(per_task, PER_TASK, workers, repeats)
 
     maps = Table(
         f"{N_NOOP // 1000}k no-op tasks, map with chunks",
@@ -234,9 +245,7 @@ def run(repeats: int) -> list[Table]:
         baseline="mp.Pool.map (auto chunks)",
         note=note,
     )
-    for name, (maker, runner) in MAPS.items():
-        if _available(name):
-            maps.add(name, _throughput(maker, runner, noop, list(range(N_NOOP)), workers, repeats))
+    _throughput_table(maps, MAPS, workers, repeats)
 
     wall = Table(
         f"{N_CPU} tasks of ~{CPU_TASK_S * 1e3:.0f} ms CPU each: wall-clock efficiency",
@@ -253,11 +262,14 @@ def run(repeats: int) -> list[Table]:
         "table; pool processes are counted from the constructor to shutdown (workers reaped), "
         "so start-up and IPC are the overhead.",
     )
-    for name, (maker, runner) in CPU.items():
-        if _available(name):
-            by_wall, by_cpu = _efficiency(maker, runner, workers, repeats)
-            wall.add(name, by_wall)
-            cpu.add(name, by_cpu)
+    efficiency = {
+        name: functools.partial(_efficiency, maker, runner, workers)
+        for name, (maker, runner) in CPU.items()
+        if _available(name)
+    }
+    for name, pairs in _interleaved(efficiency, repeats).items():
+        wall.add(name, Stats(tuple(by_wall for by_wall, _ in pairs)))
+        cpu.add(name, Stats(tuple(by_cpu for _, by_cpu in pairs)))
 
     startup = Table(
         "start-up: constructor to the first result",
@@ -274,9 +286,13 @@ def run(repeats: int) -> list[Table]:
         "loky": _loky,
         "mpire": _mpire,
     }
-    for name, maker in starters.items():
-        if _available(name):
-            startup.add(name, _startup(maker, workers, repeats))
+    starts = {
+        name: functools.partial(_startup, maker, workers)
+        for name, maker in starters.items()
+        if _available(name)
+    }
+    for name, times in _interleaved(starts, repeats).items():
+        startup.add(name, Stats(tuple(times)))
     return [per_task, maps, wall, cpu, startup]
 
 
@@ -307,8 +323,8 @@ def _bare_wall(workers: int) -> float:
 
 
 def _efficiency(
-    maker: Callable[[int], Any], runner: Callable[..., None], workers: int, repeats: int
-) -> tuple[Stats, Stats]:
+    maker: Callable[[int], Any], runner: Callable[..., None], workers: int
+) -> tuple[float, float]:
     """Return (wall-clock efficiency vs bare processes, CPU efficiency), in percent.
 
     The CPU figure counts every CPU second the pool's processes spent, parent
@@ -317,21 +333,18 @@ def _efficiency(
     machine is running.
     """
     items = [_spins] * N_CPU
-    walls, cpus = [], []
-    for _ in range(repeats):
-        # Right before, so both see the same machine load; the bare processes' CPU
-        # time is the work's own CPU time under that load.
-        start_cpu = _cpu(resource.RUSAGE_CHILDREN)
-        ideal = _bare_wall(workers)
-        work_cpu = _cpu(resource.RUSAGE_CHILDREN) - start_cpu
-        before = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
-        pool = maker(workers)
-        try:
-            start = time.perf_counter()
-            runner(pool, spin, items)
-            walls.append(100.0 * ideal / (time.perf_counter() - start))
-        finally:
-            _shut(pool)
-        spent = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - before
-        cpus.append(100.0 * work_cpu / spent)
-    return Stats(tuple(walls)), Stats(tuple(cpus))
+    # Right before, so both see the same machine load; the bare processes' CPU
+    # time is the work's own CPU time under that load.
+    start_cpu = _cpu(resource.RUSAGE_CHILDREN)
+    ideal = _bare_wall(workers)
+    work_cpu = _cpu(resource.RUSAGE_CHILDREN) - start_cpu
+    before = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
+    pool = maker(workers)
+    try:
+        start = time.perf_counter()
+        runner(pool, spin, items)
+        by_wall = 100.0 * ideal / (time.perf_counter() - start)
+    finally:
+        _shut(pool)
+    spent = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - before
+    return by_wall, 100.0 * work_cpu / spent

@@ -15,10 +15,11 @@ task duration (about ``_QUEUE_AHEAD_S`` of work each, at least one, at most
 two at a time and the last ones still spread evenly over the workers. Workers
 batch their results the same way (``_pool_worker``).
 
-A worker's death is seen on its pidfd. The loop drains what the worker had
-already sent, reaps it, reads the worker's shared-memory slot (the id of the
-task it was running, or 0) and charges only that task: it is requeued until it
-has taken down ``1 + retries`` workers, then fails with ``WorkerLostError``.
+A worker's death is seen on its pidfd (a forkserver worker's: its Process
+sentinel). The loop drains what the worker had already sent, reaps it, reads
+the worker's shared-memory slot (the id of the task it was running, or 0) and
+charges only that task: it is requeued until it has taken down
+``1 + retries`` workers, then fails with ``WorkerLostError``.
 The worker's other, not yet started tasks go back to the front of the queue
 uncharged. A replacement worker starts in the same slot.
 
@@ -37,7 +38,6 @@ import mmap
 import os
 import pickle
 import selectors
-import signal
 import sys
 import threading
 import weakref
@@ -60,9 +60,9 @@ __all__ = ["Engine"]
 log = logging.getLogger(__name__)
 
 _QUEUE_AHEAD_S = 0.004  # work queued per worker: hides a round trip, keeps the tail even
-_MAX_BATCH = 1024
+_MAX_BATCH = 4096
 _EWMA = 0.2
-_READ_SIZE = 1 << 20
+_READ_SIZE = 1 << 16  # (a read of 1 MiB costs an mmap and munmap each time: ~25 us)
 _EARLY_DEATHS = 3  # workers dying before READY this many times in a row break the pool
 
 
@@ -91,7 +91,7 @@ class Engine:
         self.processes = processes
         self._maxtasks = maxtasks
         self._retries = retries
-        self._spawn = start_method == "spawn"
+        self._method = start_method
         self._pending: collections.deque[Task] = collections.deque()
         self._workers: list[WorkerHandle | None] = [None] * processes
         self._by_fd: dict[int, WorkerHandle] = {}
@@ -101,7 +101,10 @@ class Engine:
         self._task_time = 0.0  # EWMA of seconds per task, 0 until measured
         self._done = self._failed = self._lost = self._retried = 0
         self._early_deaths = 0
-        self._pickler = wire.Pickler(self._spawn)
+        # Wake-ups of waiting consumers, run once the loop has dispatched what it
+        # can: a woken thread then finds the GIL free instead of waking twice.
+        self._wakes: dict[Callable[[], object], None] = {}
+        self._pickler = wire.Pickler(by_value=start_method != "fork")
         self._slots_fd = os.memfd_create("fabric-pool-slots", os.MFD_CLOEXEC)
         os.ftruncate(self._slots_fd, max(mmap.PAGESIZE, processes * _pool_worker.SLOT_STRIDE))
         self._slots = mmap.mmap(self._slots_fd, 0)
@@ -125,7 +128,7 @@ class Engine:
             self._refuse()
         self._pending.append(task)
         if self._sleeping:
-            self._wake()
+            self._ring()
 
     def submit_many(self, tasks: Sequence[Task]) -> None:
         """Queue tasks; raise if the pool no longer accepts work."""
@@ -133,7 +136,7 @@ class Engine:
             self._refuse()
         self._pending.extend(tasks)
         if self._sleeping:
-            self._wake()
+            self._ring()
 
     def _refuse(self) -> None:
         if self._state == _FORKED:
@@ -201,6 +204,12 @@ class Engine:
             retries=self._retried,
         )
 
+    def _ring(self) -> None:
+        # Cleared here, not only when the loop wakes: until the loop gets the GIL
+        # back, a burst of submissions would each write the eventfd again.
+        self._sleeping = False
+        self._wake()
+
     def _wake(self) -> None:
         with self._wake_lock:  # never write to the fd number once the loop closed it
             if self._wake_fd >= 0:
@@ -223,6 +232,7 @@ class Engine:
         if self._state == _TERMINATING:
             return False
         self._dispatch()
+        self._run_wakes()
         if self._state == _CLOSING and not self._pending and self._idle():
             if not any(self._workers):
                 return False
@@ -248,7 +258,7 @@ class Engine:
         worker = self._by_fd.get(fd)
         if worker is None:
             return
-        if fd == worker.pidfd:
+        if fd == worker.exit_fd:
             self._on_exit(worker)
         elif fd == worker.out_fd:
             self._read(worker)
@@ -302,9 +312,7 @@ class Engine:
                     fn_index = index[id(task.fn)] = len(blobs)
                     blobs.append(self._pickler.function(task.fn))
                 if task.payload is None:
-                    task.payload = self._pickler.dumps(
-                        (task.args, task.kwargs) if task.kind == wire.CALL else task.args
-                    )
+                    task.payload = self._payload(task)
             except Exception as exc:
                 self._finish(task, False, exc, 0.0)
                 continue
@@ -318,6 +326,18 @@ class Engine:
         worker.outbuf += wire.encode(wire.TASKS, (blobs, items))
         self._flush(worker)
 
+    def _payload(self, task: Task) -> bytes | tuple[Any, ...] | list[Any]:
+        # Plain arguments (a CALL's tuple, a MAP chunk's list) are sent as they
+        # are, inside the batch's pickle; the worker tells them apart by type.
+        args = task.args
+        if task.kind == wire.CALL:
+            if not task.kwargs and wire.plain(args):
+                return tuple(args)
+            return self._pickler.dumps((args, task.kwargs))
+        if task.kind == wire.MAP and len(args) <= wire.INLINE_LIST_MAX and wire.plain(args):
+            return list(args)
+        return self._pickler.dumps(args)
+
     def _flush(self, worker: WorkerHandle) -> None:
         try:
             while worker.outbuf:
@@ -325,13 +345,15 @@ class Engine:
                 del worker.outbuf[:written]
         except BlockingIOError:
             pass
-        except (BrokenPipeError, OSError):  # the worker died: its pidfd will tell us how
+        except (BrokenPipeError, OSError):  # the worker died: its exit fd will tell us how
             worker.outbuf.clear()
         # The task fd is registered (for writing) only while bytes wait to go out.
-        if worker.outbuf:
-            self._register(worker.task_fd, selectors.EVENT_WRITE, worker)
-        else:
-            self._unregister(worker.task_fd)
+        if bool(worker.outbuf) != worker.write_watched:
+            worker.write_watched = bool(worker.outbuf)
+            if worker.outbuf:
+                self._register(worker.task_fd, selectors.EVENT_WRITE, worker)
+            else:
+                self._unregister(worker.task_fd)
 
     def _register(self, fd: int, events: int, worker: WorkerHandle) -> None:
         try:
@@ -377,25 +399,29 @@ class Engine:
     def _on_message(self, worker: WorkerHandle, kind: str, body: Any) -> None:
         if kind == wire.DONE:
             total = 0.0
-            inflight, loads = worker.inflight, pickle.loads
-            for task_id, ok, blob, seconds in body:
+            inflight, loads, wakes = worker.inflight, pickle.loads, self._wakes
+            for task_id, how, data, seconds in body:
                 total += seconds
                 task = inflight.pop(task_id, None)
                 if task is None:
                     continue
-                if ok:  # the hot path, inlined: one loads, one deliver
+                if how == wire.RAISED:
+                    self._finish(task, False, restore(data), seconds)
+                    continue
+                if how == wire.PICKLED:
                     try:
-                        value = loads(blob)
+                        data = loads(data)
                     except Exception as exc:
                         self._finish(task, False, self._unpicklable(task, exc), seconds)
                         continue
-                    self._done += 1
-                    try:
-                        task.deliver(True, value, seconds)
-                    except Exception:
-                        log.exception("delivering the result of %s failed", task.describe())
-                else:
-                    self._finish(task, False, restore(blob), seconds)
+                self._done += 1  # the hot path, inlined: one deliver
+                try:
+                    wake = task.deliver(True, data, seconds)
+                    if wake is not None:
+                        wakes[wake] = None
+                except Exception:
+                    log.exception("delivering the result of %s failed", task.describe())
+                task.args = task.kwargs = task.payload = None  # the caller may keep the task
             per_task = total / len(body)
             if self._task_time:
                 per_task = self._task_time + _EWMA * (per_task - self._task_time)
@@ -417,9 +443,22 @@ class Engine:
         else:
             self._failed += 1
         try:
-            task.deliver(ok, value, seconds)
+            wake = task.deliver(ok, value, seconds)
         except Exception:
             log.exception("delivering the result of %s failed", task.describe())
+        else:
+            if wake is not None:
+                self._wakes[wake] = None
+        task.args = task.kwargs = task.payload = None
+
+    def _run_wakes(self) -> None:
+        while self._wakes:
+            wakes, self._wakes = self._wakes, {}
+            for wake in wakes:
+                try:
+                    wake()
+                except Exception:
+                    log.exception("waking the consumer of a result failed")
 
     # -- worker life -----------------------------------------------------------
 
@@ -429,17 +468,16 @@ class Engine:
         for other in self._workers:
             if other is not None:
                 parent_only += other.fds()
-        worker = launch.start(index, self._spawn, self._slots_fd, parent_only)
+        worker = launch.start(index, self._method, self._slots_fd, parent_only)
         self._workers[index] = worker
-        for fd in (worker.pidfd, worker.out_fd):
+        for fd in (worker.exit_fd, worker.out_fd):
             self._register(fd, selectors.EVENT_READ, worker)
         worker.outbuf += self._config
         self._flush(worker)
 
     def _on_exit(self, worker: WorkerHandle) -> None:
         self._read(worker)  # results sent before the death still count
-        _, status = os.waitpid(worker.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
+        code = worker.reap()
         running = _pool_worker.SLOT.unpack_from(
             self._slots, worker.index * _pool_worker.SLOT_STRIDE
         )[0]
@@ -494,7 +532,7 @@ class Engine:
         for fd in worker.fds():
             self._unregister(fd)
             self._by_fd.pop(fd, None)
-            os.close(fd)
+        worker.close()
         self._workers[worker.index] = None
 
     def _stop_workers(self) -> None:
@@ -526,16 +564,16 @@ class Engine:
         try:
             for worker in self._workers:
                 if worker is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(worker.pid, signal.SIGKILL)
+                    worker.kill()
             for worker in self._workers:
                 if worker is not None:
-                    os.waitpid(worker.pid, 0)
+                    worker.reap()
             self._fail_all(TerminatedError("the pool was terminated before the task finished"))
             for worker in self._workers:
                 if worker is not None:
                     self._forget(worker)
         finally:
+            self._run_wakes()
             self._state = _TERMINATING
             self._selector.close()
             with self._wake_lock:

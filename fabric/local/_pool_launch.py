@@ -1,4 +1,10 @@
-"""Start one pool worker process with its two pipes, by fork or by spawn."""
+"""Start one pool worker process with its two pipes: by fork, forkserver or spawn.
+
+A forked or spawned worker is our child, watched through a pidfd and reaped
+with ``waitpid``. A forkserver worker is the fork server's child: it is
+started as a daemonic ``Process`` (the pipes travel as passed fds), watched
+through the Process sentinel, and its exit code comes from the server.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,13 @@ import warnings
 from fabric.local import _pool_worker
 from fabric.local._pool_task import Task
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from fabric.local.process import Process
+
 __all__ = ["START_METHODS", "WorkerHandle", "describe_exit", "start"]
 
-START_METHODS = ("fork", "spawn")
+START_METHODS = ("fork", "forkserver", "spawn")
 _PIPE_SIZE = 1 << 20
 
 
@@ -22,28 +32,58 @@ class WorkerHandle:
     """The parent's side of one worker: its fds, buffers and the tasks it holds."""
 
     __slots__ = (
-        "inbuf", "index", "inflight", "out_fd", "outbuf", "pid", "pidfd", "ready", "retiring",
-        "sent", "task_fd",
+        "exit_fd", "inbuf", "index", "inflight", "out_fd", "outbuf", "pid", "process", "ready",
+        "retiring", "sent", "task_fd", "write_watched",
     )  # fmt: skip
 
-    def __init__(self, index: int, pid: int, task_fd: int, out_fd: int) -> None:
+    def __init__(
+        self, index: int, pid: int, task_fd: int, out_fd: int, process: Process | None = None
+    ) -> None:
         self.index = index
         self.pid = pid
+        self.process = process  # the forkserver worker's Process; None for our own child
         self.task_fd = task_fd  # ours to write tasks to, non-blocking
         self.out_fd = out_fd  # ours to read results from, non-blocking
-        self.pidfd = os.pidfd_open(pid)  # readable once the worker has exited
+        # Readable once the worker has exited.
+        self.exit_fd = os.pidfd_open(pid) if process is None else process.sentinel
         self.inflight: dict[int, Task] = {}
         self.outbuf = bytearray()
+        self.write_watched = False  # task_fd registered for writing: outbuf is not empty
         self.inbuf = bytearray()
         self.sent = 0  # tasks sent, counted against maxtasksperchild
         self.retiring = False  # sent no more tasks: STOP sent or quota reached
         self.ready = False  # READY received: its initializer ran
 
     def fds(self) -> list[int]:
-        return [self.task_fd, self.out_fd, self.pidfd]
+        """The fds this handle watches: tasks, results, exit."""
+        return [self.task_fd, self.out_fd, self.exit_fd]
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+        else:  # not reaped yet, so the pid cannot have been reused
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def reap(self) -> int:
+        """Wait for the worker to exit; return its exit code (``-N`` for signal N)."""
+        if self.process is None:
+            _, status = os.waitpid(self.pid, 0)
+            return os.waitstatus_to_exitcode(status)
+        self.process.join()
+        return self.process.exitcode if self.process.exitcode is not None else 255
+
+    def close(self) -> None:
+        """Close the fds, once the worker is reaped."""
+        os.close(self.task_fd)
+        os.close(self.out_fd)
+        if self.process is None:
+            os.close(self.exit_fd)
+        else:
+            self.process.close()
 
 
-def start(index: int, spawn: bool, slots_fd: int, parent_only: list[int]) -> WorkerHandle:
+def start(index: int, method: str, slots_fd: int, parent_only: list[int]) -> WorkerHandle:
     """Start worker ``index``; a forked child first closes ``parent_only`` fds."""
     task_r, task_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -51,9 +91,13 @@ def start(index: int, spawn: bool, slots_fd: int, parent_only: list[int]) -> Wor
         # Past /proc/sys/fs/pipe-max-size this fails; the default size works, slower.
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    process = None
     try:
-        if spawn:
+        if method == "spawn":
             pid = _spawn(index, task_r, out_w, slots_fd)
+        elif method == "forkserver":
+            process = _forkserver(index, task_r, out_w, slots_fd)
+            pid = process.pid or 0
         else:
             pid = _fork(index, task_r, out_w, slots_fd, [*parent_only, task_w, out_r])
     except BaseException:
@@ -65,7 +109,7 @@ def start(index: int, spawn: bool, slots_fd: int, parent_only: list[int]) -> Wor
         os.close(out_w)
     os.set_blocking(task_w, False)
     os.set_blocking(out_r, False)
-    return WorkerHandle(index, pid, task_w, out_r)
+    return WorkerHandle(index, pid, task_w, out_r, process)
 
 
 def _fork(index: int, task_r: int, out_w: int, slots_fd: int, drop: list[int]) -> int:
@@ -92,6 +136,20 @@ def _spawn(index: int, task_r: int, out_w: int, slots_fd: int) -> int:
     finally:
         for fd in fds:
             os.set_inheritable(fd, False)
+
+
+def _forkserver(index: int, task_r: int, out_w: int, slots_fd: int) -> Process:
+    from fabric.local._shm import PassedFd
+    from fabric.local.context import ForkServerProcess
+
+    process = ForkServerProcess(
+        target=_pool_worker.process_main,
+        args=(PassedFd(task_r), PassedFd(out_w), PassedFd(slots_fd), index),
+        name=f"fabric-pool-worker-{index}",
+        daemon=True,  # dies with the fork server, which exits with this process
+    )
+    process.start()
+    return process
 
 
 def describe_exit(code: int) -> str:

@@ -40,15 +40,22 @@ class Task:
         self.kind = kind
         self.args = args
         self.kwargs = kwargs
-        self.payload: bytes | None = None  # set when first sent; kept for a retry
+        # Set when first sent (pickled, or plain values as they are); kept for a retry.
+        self.payload: bytes | tuple[Any, ...] | list[Any] | None = None
         self.attempts = 0  # workers this task took down
 
     def claim(self) -> bool:
         """Return False if the task was cancelled and must not run."""
         return True
 
-    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        """Hand over the result (``ok``) or the exception; called once, on the loop."""
+    def deliver(self, ok: bool, value: Any, seconds: float) -> Callable[[], object] | None:
+        """Hand over the result (``ok``) or the exception; called once, on the loop.
+
+        May return a callable that wakes whoever waits for the outcome; the loop
+        calls it once (however many tasks returned it) after dispatching what it
+        can: a consumer waiting for many tasks is woken once per batch, and finds
+        the GIL free.
+        """
         raise NotImplementedError
 
     def describe(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import mmap
 import os
 import pickle
@@ -25,7 +26,15 @@ from typing import Any, BinaryIO
 from fabric.local import _pool_wire as wire
 from fabric.local._remote_errors import pack_exception
 
-__all__ = ["SLOT", "SLOT_STRIDE", "WorkerConfig", "fork_main", "run_worker", "spawn_main"]
+__all__ = [
+    "SLOT",
+    "SLOT_STRIDE",
+    "WorkerConfig",
+    "fork_main",
+    "process_main",
+    "run_worker",
+    "spawn_main",
+]
 
 SLOT = struct.Struct("<q")
 SLOT_STRIDE = 64  # one cache line per worker so slots never share a line
@@ -84,7 +93,7 @@ class _Runner:
         self.offset = index * SLOT_STRIDE
         self.left = maxtasks
         self.fns: dict[bytes, Callable[..., Any]] = {}
-        self.results: list[tuple[int, bool, bytes, float]] = []
+        self.results: list[tuple[int, int, Any, float]] = []
 
     def function(self, blob: bytes) -> Callable[..., Any]:
         fn = self.fns.get(blob)
@@ -94,16 +103,16 @@ class _Runner:
             fn = self.fns[blob] = pickle.loads(blob)
         return fn
 
-    def run_batch(self, blobs: list[bytes], tasks: list[tuple[int, int, int, bytes]]) -> bool:
+    def run_batch(self, blobs: list[bytes], tasks: list[tuple[int, int, int, Any]]) -> bool:
         """Run a batch; return False once ``maxtasksperchild`` is used up."""
         last_flush = time.perf_counter()
         for task_id, fn_index, kind, payload in tasks:
             SLOT.pack_into(self.slots, self.offset, task_id)
             start = time.perf_counter()
-            ok, blob = self._run_one(blobs[fn_index], kind, payload)
+            how, data = self._run_one(blobs[fn_index], kind, payload)
             SLOT.pack_into(self.slots, self.offset, 0)
             now = time.perf_counter()
-            self.results.append((task_id, ok, blob, now - start))
+            self.results.append((task_id, how, data, now - start))
             if now - last_flush >= _FLUSH_AFTER_S:
                 self.flush()
                 last_flush = now
@@ -114,27 +123,35 @@ class _Runner:
         self.flush()
         return self.left is None or self.left > 0
 
-    def _run_one(self, blob: bytes, kind: int, payload: bytes) -> tuple[bool, bytes]:
+    def _run_one(self, blob: bytes, kind: int, payload: Any) -> tuple[int, Any]:
         try:
             fn = self.function(blob)
             if kind == wire.CALL:
-                args, kwargs = pickle.loads(payload)
-                value: Any = fn(*args, **kwargs)
+                if type(payload) is tuple:  # plain arguments, sent as they are
+                    value: Any = fn(*payload)
+                else:
+                    args, kwargs = pickle.loads(payload)
+                    value = fn(*args, **kwargs)
             elif kind == wire.MAP:
-                value = [fn(x) for x in pickle.loads(payload)]
+                items = payload if type(payload) is list else pickle.loads(payload)
+                value = [fn(x) for x in items]
             else:
                 value = [fn(*x) for x in pickle.loads(payload)]
         except BaseException as exc:  # a task may raise anything, SystemExit included
-            return False, pack_exception(exc)
+            return wire.RAISED, pack_exception(exc)
+        if type(value) in wire.PLAIN or (
+            type(value) is list and len(value) <= wire.INLINE_LIST_MAX and wire.plain(value)
+        ):
+            return wire.INLINE, value
         try:
-            return True, pickle.dumps(value, 5)
+            return wire.PICKLED, pickle.dumps(value, 5)
         except Exception:
             try:
                 import cloudpickle
 
-                return True, cloudpickle.dumps(value, 5)
+                return wire.PICKLED, cloudpickle.dumps(value, 5)
             except Exception as exc:
-                return False, pack_exception(exc)
+                return wire.RAISED, pack_exception(exc)
 
     def flush(self) -> None:
         if self.results:
@@ -178,6 +195,9 @@ def fork_main(
     code = 1
     try:
         _detach(parent)
+        # The parent's objects stay out of this process's collections: a
+        # collection touching them would copy every page they sit on.
+        gc.freeze()
         for fd in drop:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -195,6 +215,21 @@ def fork_main(
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def process_main(in_fd: int, out_fd: int, slots_fd: int, index: int) -> None:
+    """Target of a forkserver worker's Process.
+
+    The fork server is its parent: it dies with the server (a daemonic
+    Process), which exits with the pool's process; end of file on the task
+    pipe ends it too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    code = run_worker(in_fd, out_fd, slots_fd, index)
+    if code:
+        raise SystemExit(code)
 
 
 def spawn_main() -> None:

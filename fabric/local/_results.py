@@ -28,6 +28,11 @@ T = TypeVar("T")
 
 _TARGET_CHUNK_S = 0.005  # adaptive chunks aim at this much work each
 _MAX_CHUNK = 4096
+# imap keeps about this much work outstanding per worker (at least _MIN_WINDOW
+# and two chunks' worth of items, at most _MAX_WINDOW), so workers never wait
+# for the caller to read more input, and memory stays bounded.
+_WINDOW_S = 0.02
+_MIN_WINDOW, _MAX_WINDOW = 256, 16384
 
 
 def chunk_bounds(length: int, processes: int, chunksize: int | None) -> list[int]:
@@ -94,21 +99,28 @@ class AsyncResult(Generic[T]):
             return self._value  # type: ignore[no-any-return]
         raise self._value
 
-    def _set(self, ok: bool, value: Any) -> None:
+    def _set(self, ok: bool, value: Any) -> Callable[[], object] | None:
+        """Store the outcome and run the callback; return the wake-up of a waiter, if any."""
         if self._done:
-            return
+            return None
         self._ok, self._value = ok, value
         callback = self._callback if ok else self._error_callback
         try:
             if callback is not None:
                 callback(value)
-        finally:
-            # _done before reading _event pairs with wait() publishing _event before
-            # re-reading _done: one of the two always sees the other.
-            self._done = True
-            event = self._event
-            if event is not None:
-                event.set()
+        except BaseException:
+            wake = self._mark_done()
+            if wake is not None:
+                wake()
+            raise
+        return self._mark_done()
+
+    def _mark_done(self) -> Callable[[], object] | None:
+        # _done before reading _event pairs with wait() publishing _event before
+        # re-reading _done: one of the two always sees the other.
+        self._done = True
+        event = self._event
+        return None if event is None else event.set
 
 
 # One lock for every result's lazily created Event: a result nobody waits on
@@ -116,17 +128,24 @@ class AsyncResult(Generic[T]):
 _event_lock = threading.Lock()
 
 
-class CallTask(Task):
-    """A task whose outcome goes to an AsyncResult."""
+class CallTask(AsyncResult[T], Task):
+    """The result of one ``apply_async``, which is also the task the engine runs."""
 
-    __slots__ = ("result",)
+    __slots__ = ()
 
-    def __init__(self, fn: Callable[..., Any], args: Any, kwargs: Any, result: AsyncResult[Any]):
-        super().__init__(fn, wire.CALL, args, kwargs)
-        self.result = result
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        callback: Callable[[T], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+    ) -> None:
+        AsyncResult.__init__(self, callback, error_callback)
+        Task.__init__(self, fn, wire.CALL, args, kwargs)
 
-    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        self.result._set(ok, value)
+    def deliver(self, ok: bool, value: Any, seconds: float) -> Callable[[], object] | None:
+        return self._set(ok, value)
 
 
 class _ChunkTask(Task):
@@ -149,8 +168,8 @@ class _ChunkTask(Task):
     def claim(self) -> bool:
         return self.job.wanted()
 
-    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        self.job.chunk_done(self, ok, value, seconds)
+    def deliver(self, ok: bool, value: Any, seconds: float) -> Callable[[], object] | None:
+        return self.job.chunk_done(self, ok, value, seconds)
 
     def describe(self) -> str:
         stop = self.start + len(self.args) - 1
@@ -161,7 +180,9 @@ class _ChunkSink:
     def wanted(self) -> bool:
         return True
 
-    def chunk_done(self, task: _ChunkTask, ok: bool, value: Any, seconds: float) -> None:
+    def chunk_done(
+        self, task: _ChunkTask, ok: bool, value: Any, seconds: float
+    ) -> Callable[[], object] | None:
         raise NotImplementedError
 
 
@@ -188,30 +209,34 @@ class MapResult(AsyncResult[list[T]], _ChunkSink):
             tasks.append(_ChunkTask(self, fn, star, seq, start, items[start:stop]))
         self._left = len(tasks)
         if not tasks:
-            self._finish(True, [])
+            wake = self._finish(True, [])
+            if wake is not None:
+                wake()
             return
         engine.submit_many(tasks)
 
     def wanted(self) -> bool:
         return not self._done
 
-    def chunk_done(self, task: _ChunkTask, ok: bool, value: Any, seconds: float) -> None:
+    def chunk_done(
+        self, task: _ChunkTask, ok: bool, value: Any, seconds: float
+    ) -> Callable[[], object] | None:
         if self._done:
-            return
+            return None
         if not ok:
-            self._finish(False, value)
-            return
+            return self._finish(False, value)
         self._values[task.start : task.start + len(value)] = value
         if self._progress is not None:
             self._progress.update(len(value))
         self._left -= 1
         if self._left == 0:
-            self._finish(True, self._values)
+            return self._finish(True, self._values)
+        return None
 
-    def _finish(self, ok: bool, value: Any) -> None:
+    def _finish(self, ok: bool, value: Any) -> Callable[[], object] | None:
         if self._progress is not None:
             self._progress.close()
-        self._set(ok, value)
+        return self._set(ok, value)
 
 
 class IMapIterator(Iterator[T], _ChunkSink):
@@ -241,14 +266,17 @@ class IMapIterator(Iterator[T], _ChunkSink):
         self._star = star
         self._progress = progress
         self._item_time = 0.0
-        self._window = 256 * engine.processes
+        self._window = _MIN_WINDOW * engine.processes  # items outstanding; see _resize()
         self._outstanding = 0  # items sent and not yet handed to the caller
         self._seq = 0
         self._next_seq = 0
         self._start = 0
+        # Finished chunks as (ok, value, items): by sequence number when ordered,
+        # in arrival order otherwise.
         self._ready: dict[int, tuple[bool, Any, int]] = {}
-        self._order: collections.deque[int] = collections.deque()
+        self._arrived: collections.deque[tuple[bool, Any, int]] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0  # callers blocked on _cond: only then is a notify needed
         self._current: Iterator[Any] = iter(())
         self._taken: collections.deque[tuple[bool, Any]] = collections.deque()
         self._feeding = threading.Lock()  # the caller and Pool.close() may both feed
@@ -260,12 +288,17 @@ class IMapIterator(Iterator[T], _ChunkSink):
         return self
 
     def __next__(self) -> T:
-        return self.next()
+        for value in self._current:  # the per-item path: no call but this one
+            return value  # type: ignore[no-any-return]
+        return self._next_chunk(None)
 
     def next(self, timeout: float | None = None) -> T:
         """Return the next result; TimeoutError if none comes within ``timeout``."""
         for value in self._current:
             return value  # type: ignore[no-any-return]
+        return self._next_chunk(timeout)
+
+    def _next_chunk(self, timeout: float | None) -> T:
         if not self._taken:
             self._take(timeout)
         ok, value = self._taken.popleft()
@@ -296,19 +329,42 @@ class IMapIterator(Iterator[T], _ChunkSink):
                     finally:
                         self._cond.acquire()
                     continue
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
 
     def _pop_ready(self) -> bool:
-        while True:
-            seq = self._next_seq if self._ordered else (self._order[0] if self._order else -1)
-            if seq not in self._ready:
-                return bool(self._taken)
-            ok, value, items = self._ready.pop(seq)
-            if not self._ordered:
-                self._order.popleft()
-            self._next_seq += 1
-            self._outstanding -= items  # only the caller's thread touches the count
-            self._taken.append((ok, value))
+        taken, count, items = self._taken, 0, 0
+        if self._ordered:
+            ready = self._ready
+            while self._next_seq + count in ready:
+                ok, value, n = ready.pop(self._next_seq + count)
+                taken.append((ok, value))
+                count, items = count + 1, items + n
+        else:
+            arrived = self._arrived
+            while arrived:
+                ok, value, n = arrived.popleft()
+                taken.append((ok, value))
+                count, items = count + 1, items + n
+        self._next_seq += count
+        self._outstanding -= items
+        return bool(taken)
+
+    def _arrive(self, seq: int, ok: bool, value: Any, items: int) -> None:
+        # No lock: a dict store or deque append is atomic, and every arrival is
+        # followed by _wake(), which takes the lock the waiter checks under.
+        if self._ordered:
+            self._ready[seq] = (ok, value, items)
+        else:
+            self._arrived.append((ok, value, items))
+
+    def _wake(self) -> None:
+        with self._cond:
+            if self._waiting:
+                self._cond.notify()
 
     def _refill(self, window: float | None = None) -> None:
         """Read input and submit chunks while fewer than ``window`` items are out."""
@@ -326,10 +382,8 @@ class IMapIterator(Iterator[T], _ChunkSink):
                     self._start += len(items)
                     self._outstanding += len(items)
             if self._input_error is not None:
-                with self._cond:
-                    self._ready[self._seq] = (False, self._input_error, 0)
-                    self._order.append(self._seq)
-                    self._cond.notify()
+                self._arrive(self._seq, False, self._input_error, 0)
+                self._wake()
                 self._seq += 1
                 self._input_error = None
             if tasks:
@@ -359,16 +413,23 @@ class IMapIterator(Iterator[T], _ChunkSink):
             return 1
         return max(1, min(_MAX_CHUNK, int(_TARGET_CHUNK_S / self._item_time)))
 
-    def chunk_done(self, task: _ChunkTask, ok: bool, value: Any, seconds: float) -> None:
+    def chunk_done(
+        self, task: _ChunkTask, ok: bool, value: Any, seconds: float
+    ) -> Callable[[], object]:
         items = len(task.args)
         self._item_time = seconds / items
+        self._resize()
         if ok and self._progress is not None:
             self._progress.update(items)
-        with self._cond:
-            self._ready[task.seq] = (ok, value, items)
-            if not self._ordered:
-                self._order.append(task.seq)
-            self._cond.notify()
+        self._arrive(task.seq, ok, value, items)
+        return self._wake
+
+    def _resize(self) -> None:
+        per_worker = _MIN_WINDOW
+        if self._item_time > 0:
+            per_worker = min(_MAX_WINDOW, max(per_worker, int(_WINDOW_S / self._item_time)))
+        per_worker = max(per_worker, 2 * self._chunk())
+        self._window = per_worker * self._engine.processes
 
     def _progress_close(self) -> None:
         if self._progress is not None:

@@ -42,6 +42,7 @@ from fabric.errors import FabricError
 
 __all__ = [
     "Block",
+    "PassedFd",
     "Segment",
     "adopt_passed_fds",
     "allocate",
@@ -287,3 +288,33 @@ def allocate(size: int) -> Block:
     block = Block(segment, header + HEADER, size)
     weakref.finalize(block, _drop, segment, header, os.getpid(), span)
     return block
+
+
+class PassedFd:
+    """An fd handed to a spawn or forkserver child along with its process object.
+
+    Pickled inside :func:`passing_fds`, it joins the fds passed with the launch
+    and unpickles in the child as the child's number for that fd (an int the
+    child then owns). Pickled anywhere else it refuses: an fd number means
+    nothing in another process.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        fds: list[int] | None = getattr(_local, "fds", None)
+        if fds is None:
+            raise TypeError("a PassedFd travels only in the launch of a spawn or forkserver child")
+        if self.fd not in fds:
+            fds.append(self.fd)
+        return _passed_fd, (fds.index(self.fd),)
+
+
+def _passed_fd(index: int) -> int:
+    try:
+        return _passed[index]
+    except KeyError:
+        raise FabricError("an fd was not passed to this process") from None

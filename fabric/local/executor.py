@@ -11,15 +11,17 @@ worker's initializer fails.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _Executor
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from typing import Any, ParamSpec, TypeVar
 
 from fabric.local import _pool_wire as wire
+from fabric.local._future import LazyFuture
 from fabric.local._pool_engine import Engine
 from fabric.local._pool_task import DEFAULT_RETRIES, Statistics, Task
 from fabric.local.pool import _start_method, default_processes
@@ -30,27 +32,24 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class _FutureTask(Task):
-    __slots__ = ("future",)
+class _FutureTask(LazyFuture[Any], Task):
+    """The Future handed to the caller is also the task the engine runs: one object, not two."""
 
-    def __init__(
-        self, fn: Callable[..., Any], kind: int, args: Any, kwargs: Any, future: Future[Any]
-    ) -> None:
-        super().__init__(fn, kind, args, kwargs)
-        self.future = future
+    __slots__ = ()
 
-    def claim(self) -> bool:
-        return self.future.set_running_or_notify_cancel()
+    def __init__(self, fn: Callable[..., Any], kind: int, args: Any, kwargs: Any) -> None:
+        LazyFuture.__init__(self)
+        Task.__init__(self, fn, kind, args, kwargs)
 
-    def deliver(self, ok: bool, value: Any, seconds: float) -> None:
-        # One state check, inside set_*: a cancelled future refuses the outcome.
-        try:
-            if ok:
-                self.future.set_result(value)
-            else:
-                self.future.set_exception(value)
-        except InvalidStateError:
-            pass
+    claim = LazyFuture.set_running_or_notify_cancel
+
+    def deliver(self, ok: bool, value: Any, seconds: float) -> Callable[[], object] | None:
+        # A cancelled future ignores the outcome. With no Condition, nobody waits
+        # yet: settle now; else settle (and wake the waiter) once the loop is done.
+        if self._cond is None:
+            self.settle(ok, value)
+            return None
+        return functools.partial(self.settle, ok, value)
 
 
 class Executor(_Executor):
@@ -59,8 +58,13 @@ class Executor(_Executor):
     ``initializer(*initargs)`` runs once in each worker; ``max_tasks_per_child``
     retires a worker after that many tasks; ``retries`` is how many times a task
     whose worker died is run again; ``mp_context`` is a start method name
-    (``"fork"``, the default, or ``"spawn"``) or a context object.
+    (``"fork"``, the default, ``"forkserver"`` or ``"spawn"``) or a context
+    object (``fabric.local.get_context(m).Executor(...)`` passes its own).
     """
+
+    @classmethod
+    def _fabric_bind_context(cls, context: object) -> Callable[..., Executor]:
+        return functools.partial(cls, mp_context=context)
 
     def __init__(
         self,
@@ -100,9 +104,9 @@ class Executor(_Executor):
         """Schedule ``fn(*args, **kwargs)`` and return its Future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        future: Future[R] = Future()
-        self._engine.submit(_FutureTask(fn, wire.CALL, args, kwargs, future))
-        return future
+        task = _FutureTask(fn, wire.CALL, args, kwargs)
+        self._engine.submit(task)
+        return task
 
     def map(
         self,
@@ -124,9 +128,9 @@ class Executor(_Executor):
         futures: list[Future[list[R]]] = []
         tasks = []
         while chunk := list(itertools.islice(argtuples, chunksize)):
-            future: Future[list[R]] = Future()
-            futures.append(future)
-            tasks.append(_FutureTask(fn, wire.STAR, chunk, None, future))
+            task = _FutureTask(fn, wire.STAR, chunk, None)
+            futures.append(task)
+            tasks.append(task)
         self._engine.submit_many(tasks)
         deadline = None if timeout is None else time.monotonic() + timeout  # from this call
         return _results(futures, deadline)
@@ -160,7 +164,7 @@ class Executor(_Executor):
 
 
 def _cancel(task: Task) -> bool:
-    return isinstance(task, _FutureTask) and task.future.cancel()
+    return isinstance(task, _FutureTask) and task.cancel()
 
 
 def _results(futures: list[Future[list[R]]], deadline: float | None) -> Iterator[R]:

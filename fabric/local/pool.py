@@ -17,6 +17,7 @@ Differences from ``multiprocessing.Pool`` a caller may notice, all deliberate:
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
@@ -67,8 +68,13 @@ class Pool:
 
     ``retries`` is how many times a task whose worker died is run again before
     it fails with ``WorkerLostError``. ``context`` is a start method name
-    (``"fork"``, the default, or ``"spawn"``) or a context object.
+    (``"fork"``, the default, ``"forkserver"`` or ``"spawn"``) or a context
+    object (``fabric.local.get_context(m).Pool(...)`` passes its own).
     """
+
+    @classmethod
+    def _fabric_bind_context(cls, context: object) -> Callable[..., Pool]:
+        return functools.partial(cls, context=context)
 
     def __init__(
         self,
@@ -128,9 +134,9 @@ class Pool:
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> AsyncResult[R]:
         """Start ``func(*args, **kwds)`` in a worker; callbacks run on the pool's thread."""
-        result: AsyncResult[R] = AsyncResult(callback, error_callback)
-        self._engine.submit(CallTask(func, tuple(args), dict(kwds or {}), result))
-        return result
+        task: CallTask[R] = CallTask(func, tuple(args), dict(kwds or {}), callback, error_callback)
+        self._engine.submit(task)
+        return task
 
     # -- maps ------------------------------------------------------------------
 

@@ -54,6 +54,23 @@ def square(x: int) -> int:
     return x * x
 
 
+DEFAULT_MARKER = "as imported"
+_marker = DEFAULT_MARKER
+
+
+def set_marker(value: str) -> None:
+    global _marker
+    _marker = value
+
+
+def get_marker() -> str:
+    return _marker
+
+
+def identity(value: object) -> object:
+    return value
+
+
 def add(a: int, b: int) -> int:
     return a + b
 

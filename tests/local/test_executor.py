@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from fabric.local import Executor, RemoteTraceback
+from fabric.local import Context, Executor, RemoteTraceback
 from tests.local import _pool_helpers as h
 
 EXECUTORS: dict[str, Callable[..., Any]] = {
@@ -156,6 +156,14 @@ def test_bad_arguments() -> None:
         Executor(0)
     with pytest.raises(ValueError):
         Executor(1, max_tasks_per_child=0)
+
+
+def test_every_start_method_through_its_context(ctx: Context) -> None:
+    offset = 10
+    with ctx.Executor(2) as executor:
+        assert list(executor.map(lambda x: x * offset, range(3))) == [0, 10, 20]
+        parent = executor.submit(lambda: (os.getppid(), offset)).result(60)
+    assert parent == (os.getpid(), 10) or ctx.get_start_method() == "forkserver"
 
 
 def test_spawn_context() -> None:

@@ -33,9 +33,10 @@ def test_crashed_task_is_retried_once_and_succeeds(how: str, tmp_path: Path) -> 
         assert (stats.retries, stats.workers_lost, stats.workers) == (1, 1, 2)
 
 
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 @pytest.mark.parametrize("how", sorted(CRASHES))
-def test_task_that_always_crashes_fails_naming_task_pid_and_cause(how: str) -> None:
-    with Pool(2) as pool:
+def test_task_that_always_crashes_fails_naming_task_pid_and_cause(how: str, method: str) -> None:
+    with Pool(2, context=method) as pool:
         result = pool.apply_async(h.die, (how,))
         with pytest.raises(WorkerLostError) as info:
             result.get(30)
@@ -94,10 +95,10 @@ SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         os.write(1, b"%d\\n" % os.getpid())
         if sys.argv[1] == "pool":
-            with Pool(2) as pool:
+            with Pool(2, context=sys.argv[2]) as pool:
                 pool.map(hold, range(4), 1)
         else:
-            with Executor(2) as executor:
+            with Executor(2, mp_context=sys.argv[2]) as executor:
                 list(executor.map(hold, range(4)))
     """
 )
@@ -111,13 +112,16 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
 @pytest.mark.parametrize("api", ["pool", "executor"])
-def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(api: str, tmp_path: Path) -> None:
+def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(
+    api: str, method: str, tmp_path: Path
+) -> None:
     script = tmp_path / "ctrl_c.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen(
-        [sys.executable, str(script), api],
+        [sys.executable, str(script), api, method],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -138,8 +142,9 @@ def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(api: str, tmp_path: 
     assert not [pid for pid in workers if _alive(pid)]
 
 
-def test_spawned_worker_crash_is_retried(tmp_path: Path) -> None:
-    with Pool(1, context="spawn") as pool:
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_worker_crash_is_retried_under_other_start_methods(method: str, tmp_path: Path) -> None:
+    with Pool(1, context=method) as pool:
         assert pool.apply(h.die_once, (str(tmp_path / "marker"), "exit")) == "second try"
         assert pool.statistics().workers_lost == 1
 

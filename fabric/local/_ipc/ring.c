@@ -1493,7 +1493,7 @@ static PyObject *Ring_recv(Ring *self, PyObject *const *args, Py_ssize_t nargs, 
     unsigned kind;
     PyObject *payload = get_payload(self, t, 1, side & 1, bytes_only ? MODE_BYTES : MODE_OBJ, &kind);
     if (payload == NULL && PyErr_ExceptionMatches(self->empty_exc)) {
-        PyErr_Format(PyExc_TimeoutError, "nothing received within %R s", a[0]);
+        PyErr_Format(PyExc_TimeoutError, "nothing received within %R s", a[0] ? a[0] : Py_None);
         return NULL;
     }
     if (payload == NULL || kind == K_RAW || bytes_only)
@@ -1761,11 +1761,16 @@ static PyObject *Ring_send_bytes(Ring *self, PyObject *const *args, Py_ssize_t n
     Py_buffer b;
     if (PyObject_GetBuffer(a[0], &b, PyBUF_SIMPLE) < 0)
         return NULL;
-    const char *err = offset < 0                          ? "offset is negative"
-                      : b.len < offset                    ? "buffer length < offset"
-                      : a[2] != NULL && a[2] != Py_None && size < 0 ? "size is negative"
-                      : size >= 0 && offset + size > b.len ? "buffer length < offset + size"
-                                                           : NULL;
+    int sized = a[2] != NULL && a[2] != Py_None;
+    const char *err = NULL;
+    if (offset < 0)
+        err = "offset is negative";
+    else if (b.len < offset)
+        err = "buffer length < offset";
+    else if (sized && size < 0)
+        err = "size is negative";
+    else if (size > b.len - offset)
+        err = "buffer length < offset + size";
     PyObject *res = NULL;
     if (err != NULL)
         PyErr_SetString(PyExc_ValueError, err);
