@@ -199,3 +199,34 @@ def test_a_thread_parked_on_the_socket_does_not_hold_up_the_others(cluster: Clus
     q.put("done")
     parked.join(60)
     assert got == ["done"] and len(d) == 50
+
+
+class _Door:
+    """A LocalBroker that counts the calls it takes, or turns them all away."""
+
+    def __init__(self, broker: Any, refuse: bool) -> None:
+        self.broker, self.refuse, self.taken = broker, refuse, 0
+
+    def call_local(self, session: bytes, message: Any, parked: Any) -> Any:
+        if self.refuse:
+            raise LookupError("not a session of this broker")
+        self.taken += 1
+        return self.broker.call_local(session, message, parked)
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_calls_the_local_broker_turns_away_go_over_the_socket(
+    cluster: Cluster, refuse: bool
+) -> None:
+    from fabric.remote._connection import Connection
+    from fabric.remote._keys import load_curve
+    from fabric.remote._proxies_data import DictProxy
+    from fabric.remote._proxy_base import decode_reply, dumps
+
+    door = _Door(cluster.broker, refuse)  # the cluster's broker runs in this process
+    with Connection(cluster.address, curve=load_curve(cluster.keys, "client"), local=door) as conn:
+        ref = decode_reply(conn.create("", "dict", "shared", dumps(((), {}))))
+        d = DictProxy(ref, conn)
+        d["k"] = 1
+        assert cluster.manager().dict("shared")["k"] == 1 and d["k"] == 1
+    assert door.taken == (0 if refuse else 3)
