@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 
-from fabric.broker.tasks import Requires, Task, Worker
+from fabric.broker.tasks import Requires, State, Task, Worker
 
 __all__ = ["Lanes", "pick"]
 
@@ -24,9 +24,17 @@ def pick(workers: Iterable[Worker], requires: Requires) -> Worker | None:
     """Return the eligible worker with the most free credit, or None."""
     best: Worker | None = None
     for worker in workers:
-        if worker.credit <= 0 or any(worker.labels.get(k) != v for k, v in requires):
+        if worker.credit <= 0:
             continue
-        if best is None or (worker.credit, -worker.turn) > (best.credit, -best.turn):
+        eligible = worker.eligible.get(requires)
+        if eligible is None:  # labels never change on a worker: decide once per requirement set
+            eligible = all(worker.labels.get(k) == v for k, v in requires)
+            worker.eligible[requires] = eligible
+        if eligible and (
+            best is None
+            or worker.credit > best.credit
+            or (worker.credit == best.credit and worker.turn < best.turn)
+        ):
             best = worker
     return best
 
@@ -39,6 +47,7 @@ class Lanes:
 
     def push(self, task: Task, *, front: bool) -> None:
         """Queue ``task`` at the back of its lane (``front``: a retry goes first)."""
+        task.state = State.QUEUED
         lane = self._lanes.get(task.lane)
         if lane is None:
             lane = self._lanes[task.lane] = deque()
@@ -56,7 +65,7 @@ class Lanes:
 
     def take(self, workers: dict[bytes, Worker]) -> tuple[bytes, Worker] | None:
         """Pop the next task some worker can take, in lane turn order; None if none can."""
-        if not any(worker.credit > 0 for worker in workers.values()):
+        if not self._lanes:
             return None
         for lane_key in self._lanes:
             worker = pick(workers.values(), lane_key[1])

@@ -194,7 +194,7 @@ class Scheduler:
             reason = f"broker holds {len(self._tasks)} tasks and {self._bytes} bytes"
             reject = Reject(task, "busy", reason, limits.busy_retry_after)
             return Admission.REJECTED, [(session, reject)]
-        self.restore(session, task, payload, now, requires)
+        self._queue(session, key, payload, size, requires)
         self._acks.submit(session, task)
         return Admission.ACCEPTED, self._dispatch()
 
@@ -208,17 +208,26 @@ class Scheduler:
     ) -> None:
         """Queue a task without admission checks (journal replay); dispatch on the next event."""
         key = task_key(session, task)
-        if key in self._tasks:
-            return
-        size = sum(len(memoryview(frame)) for frame in payload)
-        entry = Task(key, tuple(sorted((requires or {}).items())), payload, size)
+        if key not in self._tasks:
+            size = sum(len(memoryview(frame)) for frame in payload)
+            self._queue(session, key, payload, size, requires)
+
+    def _queue(
+        self,
+        session: bytes,
+        key: bytes,
+        payload: Payload,
+        size: int,
+        requires: dict[str, str] | None,
+    ) -> None:
+        entry = Task(key, tuple(sorted(requires.items())) if requires else (), payload, size)
         self._tasks[key] = entry
         self._bytes += size
         client = self._clients.get(session)
         if client is None:
             client = self._clients[session] = Client(present=False)
         client.tasks.add(key)
-        self._enqueue(entry, front=False)
+        self._lanes.push(entry, front=False)
 
     def credit(self, session: bytes, n: int) -> list[Out]:
         """Grant ``n`` more slots to a worker; return the dispatches they allow."""
@@ -388,10 +397,6 @@ class Scheduler:
 
     # --- internals ---------------------------------------------------------------
 
-    def _enqueue(self, task: Task, *, front: bool) -> None:
-        task.state = State.QUEUED
-        self._lanes.push(task, front=front)
-
     def _dispatch(self) -> list[Out]:
         outs: list[Out] = []
         while (taken := self._lanes.take(self._workers)) is not None:
@@ -419,7 +424,7 @@ class Scheduler:
             return self._settle(task, task.attempt, "lost", message, (), now)
         self._counts["retries"] += 1
         task.attempt += 1
-        self._enqueue(task, front=True)
+        self._lanes.push(task, front=True)
         return []
 
     def _crashed(self, task: Task, cause: str, worker: Worker, now: float) -> list[Out]:
@@ -434,17 +439,11 @@ class Scheduler:
             return self._settle(task, task.attempt, "poisoned", text, (), now)
         self._counts["retries"] += 1
         task.attempt += 1
-        self._enqueue(task, front=True)
+        self._lanes.push(task, front=True)
         return []
 
     def _settle(
-        self,
-        task: Task,
-        attempt: int,
-        status: str,
-        text: str,
-        payload: Payload,
-        now: float,
+        self, task: Task, attempt: int, status: str, text: str, payload: Payload, now: float
     ) -> list[Out]:
         outs: list[Out] = []
         if task.state is State.QUEUED:
@@ -455,14 +454,15 @@ class Scheduler:
             outs.append((task.worker, Cancel(task=task.key, attempt=task.attempt)))
             task.worker = None
         self._counts["done" if status in ("ok", "error") else "failed"] += 1
-        size = sum(len(memoryview(frame)) for frame in payload)
+        size = sum(len(memoryview(frame)) for frame in payload) if payload else 0
         self._bytes += size - task.size
         task.state, task.size, task.payload = State.RESULTED, size, ()
         task.result = Result(task.key[SESSION_BYTES:], attempt, status, text, 0, payload)
-        client = self._clients.get(task.owner)
+        owner = task.owner
+        client = self._clients.get(owner)
         if client is not None and client.present:
-            outs.append((task.owner, task.result))
-            self._acks.resulted(task.owner, task.result.task)
+            outs.append((owner, task.result))
+            self._acks.resulted(owner, task.result.task)
         else:
             self._hold(task.key, now)
         return outs

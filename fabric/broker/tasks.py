@@ -66,14 +66,12 @@ class Task:
     crashes: list[str] = field(default_factory=list)
     worker: bytes | None = None
     result: Result | None = None
+    owner: bytes = b""  # the client's session: the key's first SESSION_BYTES
+    lane: tuple[bytes, Requires] = (b"", ())
 
-    @property
-    def owner(self) -> bytes:
-        return self.key[:SESSION_BYTES]
-
-    @property
-    def lane(self) -> tuple[bytes, Requires]:
-        return (self.owner, self.requires)
+    def __post_init__(self) -> None:
+        self.owner = self.key[:SESSION_BYTES]
+        self.lane = (self.owner, self.requires)
 
 
 @dataclass(eq=False)
@@ -87,6 +85,7 @@ class Worker:
     running: set[bytes] = field(default_factory=set)
     done: int = 0
     turn: int = 0  # when it last got a task, so ties go to the one that waited longest
+    eligible: dict[Requires, bool] = field(default_factory=dict)  # labels hold requirements?
 
 
 @dataclass(eq=False)

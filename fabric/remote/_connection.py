@@ -161,9 +161,11 @@ class Connection:
         self._outbox: list[Message] = []
         self._calls: dict[int, _Pending] = {}
         self._tasks: dict[bytes, _Task] = {}
+        self._busy: dict[bytes, _Task] = {}  # REJECTed busy: re-sent at their resend_at
         self._done: list[bytes] = []  # results held here, DONE'd in batches
         self._done_due = 0.0
         self._seq = itertools.count(1)
+        self._task_ids = itertools.count(1)
         self._wake_r, self._wake_w = os.pipe()
         self._input_r, self._input_w = os.pipe()  # "input is pending" for the receiver
         for fd in (self._wake_w, self._input_w):
@@ -248,6 +250,14 @@ class Connection:
         seq = next(self._seq)
         message = Create(host=host, call=seq, typeid=typeid, name=name, payload=(payload,))
         return self._await(self._post_call(message))
+
+    def new_task_id(self) -> bytes:
+        """Return a task id never used before in this session (thread-safe).
+
+        A counter, not random bytes: ``os.urandom`` releases the GIL, which on
+        a busy client hands the interpreter to another thread at every submit.
+        """
+        return b"%x" % next(self._task_ids)
 
     def submit(
         self,
@@ -590,6 +600,7 @@ class Connection:
     def _result(self, message: Result) -> list[Callable[[], None]]:
         with self._lock:
             task = self._tasks.pop(message.task, None)
+            self._busy.pop(message.task, None)
             if not self._done:
                 self._done_due = time.monotonic() + _DONE_DELAY_S
             self._done.append(message.task)
@@ -609,27 +620,32 @@ class Connection:
         task = self._tasks.get(message.task)
         if task is None:
             return []
-        if message.code == "busy":
-            task.resend_at = time.monotonic() + max(message.retry_after, 0.01)
-            return []
         with self._lock:
+            if message.code == "busy":
+                task.resend_at = time.monotonic() + max(message.retry_after, 0.01)
+                self._busy[message.task] = task
+                return []
             self._tasks.pop(message.task, None)
+            self._busy.pop(message.task, None)
         if message.code == "duplicate":  # its result was delivered already
             return []
         why = f"{message.code}: {message.reason}"
         return [lambda: task.on_result("rejected", why, b"")]
 
     def _next_resend(self, now: float) -> float:
-        with self._lock:  # user threads add tasks while this walks them
-            times = [t.resend_at for t in self._tasks.values() if t.resend_at]
-        return min(times, default=now + 3600.0)
+        with self._lock:
+            return min((t.resend_at for t in self._busy.values()), default=now + 3600.0)
 
     def _resend_rejected(self, now: float) -> None:
-        with self._lock:  # user threads add tasks while this walks them
-            due = [t for t in self._tasks.values() if t.resend_at and t.resend_at <= now]
-        for task in due:
+        with self._lock:
+            due = [(k, t) for k, t in self._busy.items() if t.resend_at <= now]
+        for key, task in due:
             # not sent (link down or full): try again shortly; a new session re-sends it anyway
-            task.resend_at = 0.0 if self._link.send(task.message) else now + 0.05
+            if self._link.send(task.message):
+                with self._lock:
+                    self._busy.pop(key, None)
+            else:
+                task.resend_at = now + 0.05
 
     def _check_lost(self, now: float) -> None:
         """Fail everything in flight once the broker has been gone for reconnect_timeout."""
@@ -654,6 +670,7 @@ class Connection:
                 self._fatal = error
             calls, self._calls = self._calls, {}
             tasks, self._tasks = self._tasks, {}
+            self._busy = {}
             self._outbox = []
         for pending in calls.values():
             pending.error = error

@@ -3,8 +3,8 @@
 Futures are real ``concurrent.futures.Future`` objects, so ``as_completed``,
 ``wait`` and ``asyncio.wrap_future`` work. A future can be cancelled until its
 result arrives: a queued task is dropped by the broker, a running one is
-stopped on its node. Task ids are chosen here (16 random bytes), so re-sent
-SUBMITs are never queued twice.
+stopped on its node. Task ids are chosen here (a counter of the connection's
+session), so re-sent SUBMITs are never queued twice.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import itertools
-import os
 import sys
 import threading
 import time
@@ -76,7 +75,7 @@ class Executor(cf.Executor):
 
     def _submit_payload(self, payload: bytes) -> cf.Future[Any]:
         future: cf.Future[Any] = cf.Future()
-        task = os.urandom(16)
+        task = self._conn.new_task_id()
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

@@ -141,13 +141,17 @@ class WorkerNode:
 
     # --- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
+        poller, watched = zmq.Poller(), None
         while not (self._draining and self._idle()) and not self._stop_now:
-            poller = zmq.Poller()
-            poller.register(self._wake_r, zmq.POLLIN)
-            if self._link.socket is not None:
-                poller.register(self._link.socket, zmq.POLLIN)
-            for slot in self._slots:
-                poller.register(slot.results, zmq.POLLIN)
+            # rebuilt only when the socket or a task process changed, not per task
+            if watched != (self._link.socket, [slot.results for slot in self._slots]):
+                watched = (self._link.socket, [slot.results for slot in self._slots])
+                poller = zmq.Poller()
+                poller.register(self._wake_r, zmq.POLLIN)
+                if self._link.socket is not None:
+                    poller.register(self._link.socket, zmq.POLLIN)
+                for slot in self._slots:
+                    poller.register(slot.results, zmq.POLLIN)
             timeout = self._link.next_tick(time.monotonic())
             events = dict(poller.poll(int(timeout * 1000) + 1))
             if self._wake_r in events:
