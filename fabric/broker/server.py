@@ -32,7 +32,7 @@ from fabric.broker.keys import Keyring
 from fabric.broker.objects import ObjectRouter
 from fabric.broker.scheduler import Limits, Scheduler, SchedulerStats
 from fabric.broker.service import Service
-from fabric.broker.sessions import Sessions, local_runtime
+from fabric.broker.sessions import LOCAL_USER, Sessions, local_runtime
 from fabric.errors import AuthenticationError, FabricError
 
 __all__ = ["Broker", "BrokerStats", "is_loopback"]
@@ -146,6 +146,7 @@ class Broker:
         self._nap_at = 0.0  # see _share_gil
         self._peers_at = -_PEERS_ACTIVE_S  # when the loop last took messages off the socket
         self._wake_address = f"inproc://fabric-broker-wake-{self._instance.hex()}"
+        self._local_address = f"inproc://fabric-broker-peers-{self._instance.hex()}"
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -230,6 +231,21 @@ class Broker:
         """Return a snapshot of the broker's counters; thread-safe."""
         with self._lock:
             return self._statistics()
+
+    def local_endpoint(self) -> tuple[zmq.Context[zmq.Socket[bytes]], str]:
+        """Return the ZeroMQ context and inproc address for a peer in this very process.
+
+        A DEALER made from this context and connected there talks to the broker
+        without TCP, CURVE or I/O-thread hops (the embedded Manager's own
+        connection). No ZAP runs on inproc; only code holding this Broker can
+        reach the context, the same proof of locality as :meth:`call_local`.
+        Close such sockets before closing the broker. Raise FabricError if the
+        broker is not serving.
+        """
+        context = self._context
+        if context is None or not self._ready.is_set() or self._failure is not None:
+            raise FabricError("the broker is not serving")
+        return context, self._local_address
 
     def call_local(
         self,
@@ -318,6 +334,7 @@ class Broker:
             self._configure(router)
             router.bind(self._bind)
             self._address = router.getsockopt_string(zmq.LAST_ENDPOINT)
+            router.bind(self._local_address)  # see local_endpoint()
             wake.bind(self._wake_address)
             if journal is not None:
                 self._sessions.journal = journal
@@ -394,7 +411,12 @@ class Broker:
                 frames = router.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            user = str(frames[0].get("User-Id")) if zap is not None else ""
+            user = ""
+            if zap is not None:
+                try:
+                    user = str(frames[0].get("User-Id"))
+                except zmq.ZMQError:  # no ZAP metadata: an inproc peer (see local_endpoint)
+                    user = LOCAL_USER
             receive(frames[0].bytes, user, [f.buffer for f in frames[1:]], now)
 
     def _flush(self, router: zmq.Socket[bytes], now: float) -> None:

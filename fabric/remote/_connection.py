@@ -81,7 +81,10 @@ ResultCallback = Callable[[str, str, bytes], None]
 
 
 class LocalBroker(Protocol):
-    """A broker in this very process (``Broker.call_local``): object calls skip the socket."""
+    """A broker in this very process (``Broker.call_local``): object calls skip the socket,
+    the rest travels over its inproc endpoint (``Broker.local_endpoint``)."""
+
+    def local_endpoint(self) -> tuple[zmq.Context[zmq.Socket[bytes]], str]: ...
 
     def call_local(
         self, session: bytes, message: Call | Create, parked: Callable[[], object]
@@ -145,10 +148,17 @@ class Connection:
         local: LocalBroker | None = None,
     ) -> None:
         self._local = local
-        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._address = address
+        link_address = address
+        self._own_context = local is None
+        if local is not None:  # no TCP, CURVE or I/O-thread hops to a broker in this process
+            self._context, link_address = local.local_endpoint()
+            curve = None
+        else:
+            self._context = zmq.Context()
         self._link = Link(
             self._context,
-            address,
+            link_address,
             role=role,
             name=name,
             curve=curve,
@@ -197,7 +207,7 @@ class Connection:
     @property
     def address(self) -> str:
         """Return the broker address this connection talks to."""
-        return self._link.address
+        return self._address
 
     @property
     def session(self) -> bytes:
@@ -297,7 +307,8 @@ class Connection:
             self._receiver.release()
         for fd in (self._wake_r, self._wake_w, self._input_r, self._input_w):
             os.close(fd)
-        self._context.term()
+        if self._own_context:
+            self._context.term()
 
     def __enter__(self) -> Connection:
         return self

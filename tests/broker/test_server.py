@@ -13,7 +13,7 @@ from fabric.broker.scheduler import Limits
 from fabric.broker.server import Broker, is_loopback
 from fabric.broker.service import Outbox
 from fabric.broker.sessions import runtime_tag
-from fabric.errors import AuthenticationError
+from fabric.errors import AuthenticationError, FabricError
 from tests.broker.peers import CP, PY, peers
 
 Start = Callable[..., Broker]
@@ -455,3 +455,36 @@ def test_a_local_call_runs_in_the_callers_thread_and_others_hear_through_the_loo
             with pytest.raises(LookupError):
                 broker.call_local(stranger, p.Call("", 3, "o1", "get"))
     assert len(service.calls) == 1
+
+
+def test_a_peer_on_the_inproc_endpoint_skips_curve_but_not_the_protocol(
+    start_broker: Start, ephemeral: Ephemeral
+) -> None:
+    import zmq
+
+    keyring, keys = ephemeral
+    broker = start_broker(keys=keyring)
+    context, address = broker.local_endpoint()  # only code holding the Broker gets these
+    local = context.socket(zmq.DEALER)
+    local.linger = 0
+    try:
+        local.connect(address)
+        session = b"L" * 16
+        local.send_multipart(p.encode(p.Submit(b"early")))
+        assert local.poll(10_000)
+        assert p.decode(local.recv_multipart()) == p.Error("hello-required", "send HELLO first")
+        local.send_multipart(p.encode(p.Hello("worker", "local", session, PY, CP, 1)))
+        assert local.poll(10_000)
+        assert isinstance(p.decode(local.recv_multipart()), p.Welcome)
+        with peers(broker.address, keys) as make:
+            client = make()
+            client.hello("client")
+            client.send(p.Submit(b"t", payload=(b"x",)))
+            assert local.poll(10_000)
+            dispatch = p.decode(local.recv_multipart())
+        assert isinstance(dispatch, p.Dispatch) and dispatch.payload == (b"x",)
+    finally:
+        local.close()
+    broker.close()
+    with pytest.raises(FabricError, match="not serving"):
+        broker.local_endpoint()

@@ -213,6 +213,9 @@ class _Door:
         self.taken += 1
         return self.broker.call_local(session, message, parked)
 
+    def local_endpoint(self) -> Any:
+        return self.broker.local_endpoint()
+
 
 @pytest.mark.parametrize("refuse", [False, True])
 def test_calls_the_local_broker_turns_away_go_over_the_socket(
