@@ -221,6 +221,7 @@ class Engine:
         try:
             for index in range(self.processes):
                 self._start_worker(index)
+                self._dispatch()  # the first task need not wait for every fork
             while self._step():
                 pass
         except BaseException:
@@ -270,8 +271,8 @@ class Engine:
     def _credit(self, worker: WorkerHandle) -> int:
         if worker.retiring:
             return 0
-        if self._task_time <= 0:
-            limit = 8
+        if self._task_time <= 0:  # unmeasured: two each, so a first map's chunks spread
+            limit = 2
         else:
             limit = 1 + max(1, min(_MAX_BATCH, int(_QUEUE_AHEAD_S / self._task_time)))
         room = limit - len(worker.inflight)
@@ -285,23 +286,40 @@ class Engine:
     def _dispatch(self) -> None:
         if not self._pending or self._broken is not None:
             return
-        workers = sorted((w for w in self._workers if w is not None), key=lambda w: len(w.inflight))
-        for i, worker in enumerate(workers):
-            # A fair share each, so four chunks go two and two, not four to the first.
-            share = -(-len(self._pending) // (len(workers) - i))
-            room = min(self._credit(worker), share)
-            batch: list[Task] = []
-            while room > 0 and self._pending:
+        live = sorted((w for w in self._workers if w is not None), key=lambda w: len(w.inflight))
+        rooms = [self._credit(w) for w in live]
+        # Workers not started yet (or being replaced) keep their share of the queue.
+        deal = (
+            len(self._pending) - len(self._pending) * (self.processes - len(live)) // self.processes
+        )
+        batches: list[list[Task]] = [[] for _ in live]
+        # Dealt one at a time, like cards, so each worker gets a fair mix of the
+        # shrinking chunks of a map rather than the first (biggest) half of them.
+        active = [k for k, room in enumerate(rooms) if room > 0]
+        while active and deal > 0:
+            for k in active:
+                if not self._pending or deal <= 0:
+                    break
                 task = self._pending.popleft()
-                if task.payload is not None or task.claim():  # claim once, on first send
-                    batch.append(task)
-                    room -= 1
-            if batch:
-                self._send(worker, batch)
+                if task.payload is None and not task.claim():  # claim once, on first send
+                    continue
+                batches[k].append(task)
+                rooms[k] -= 1
+                deal -= 1
             if not self._pending:
-                return
+                break
+            active = [k for k in active if rooms[k] > 0]
+        for worker, batch in zip(live, batches, strict=True):
+            if batch:
+                self._pack(worker, batch)
+        # Written only once every batch is pickled, so the workers start together:
+        # a worker woken early would take the CPU the loop needs to feed the next.
+        for worker, batch in zip(live, batches, strict=True):
+            if batch:
+                self._flush(worker)
 
-    def _send(self, worker: WorkerHandle, batch: list[Task]) -> None:
+    def _pack(self, worker: WorkerHandle, batch: list[Task]) -> None:
+        """Pickle ``batch`` into the worker's output buffer."""
         blobs: list[bytes] = []
         index: dict[int, int] = {}
         items = []
@@ -324,7 +342,6 @@ class Engine:
         if self._maxtasks is not None and worker.sent >= self._maxtasks:
             worker.retiring = True
         worker.outbuf += wire.encode(wire.TASKS, (blobs, items))
-        self._flush(worker)
 
     def _payload(self, task: Task) -> bytes | tuple[Any, ...] | list[Any]:
         # Plain arguments (a CALL's tuple, a MAP chunk's list) are sent as they
@@ -335,7 +352,7 @@ class Engine:
                 return tuple(args)
             return self._pickler.dumps((args, task.kwargs))
         if task.kind == wire.MAP and len(args) <= wire.INLINE_LIST_MAX and wire.plain(args):
-            return list(args)
+            return args if type(args) is list else list(args)
         return self._pickler.dumps(args)
 
     def _flush(self, worker: WorkerHandle) -> None:

@@ -38,7 +38,7 @@ __all__ = [
 
 SLOT = struct.Struct("<q")
 SLOT_STRIDE = 64  # one cache line per worker so slots never share a line
-_FLUSH_AFTER_S = 0.002  # a finished result waits at most this long for company
+_FLUSH_AFTER_S = 0.0005  # a finished result waits at most this long for company
 _PR_SET_PDEATHSIG = 1
 
 

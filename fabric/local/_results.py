@@ -372,6 +372,7 @@ class IMapIterator(Iterator[T], _ChunkSink):
             if self._input is not None and not self._engine.accepting:
                 self._input, self._cut_short = None, True
             tasks = []
+            self._resize()
             limit = self._window if window is None else window
             while self._input is not None and self._outstanding < limit:
                 items = self._read(self._chunk())
@@ -418,7 +419,6 @@ class IMapIterator(Iterator[T], _ChunkSink):
     ) -> Callable[[], object]:
         items = len(task.args)
         self._item_time = seconds / items
-        self._resize()
         if ok and self._progress is not None:
             self._progress.update(items)
         self._arrive(task.seq, ok, value, items)
