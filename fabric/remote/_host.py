@@ -296,8 +296,17 @@ class ObjectHost:
             else:
                 result = func(*args, **kwargs)
             if entry.spec.hosted and inspect.isgenerator(result):
-                parked = _Parked(session, seq, obj_id, cast("Wait[Any]", result), None)
-                return self._resume(parked, None, now) + self._wake(obj_id, now)
+                gen = cast("Wait[Any]", result)
+                try:
+                    limit = next(gen)
+                except StopIteration as stop:  # it did not have to wait (the common case)
+                    result = stop.value
+                except Exception as exc:  # it may have changed the object first: wake waiters
+                    failed = self._finish(session, seq, False, encode_error(exc, _format(exc)))
+                    return [failed, *self._wake(obj_id, now)]
+                else:
+                    parked = _Parked(session, seq, obj_id, gen, limit)
+                    return self._resume(parked, None, now) + self._wake(obj_id, now)
             result = self._wrap(entry.spec, method, result, session)
         except Exception as exc:
             return [self._finish(session, seq, False, encode_error(exc, _format(exc)))]
@@ -312,9 +321,12 @@ class ObjectHost:
 
     # --- parked calls ------------------------------------------------------------------
     def _resume(self, parked: _Parked, timed_out: bool | None, now: float) -> list[Reply]:
-        """Advance a parked generator once; reply if it finished, (re)park it if not."""
+        """Advance a parked generator once; reply if it finished, (re)park it if not.
+
+        ``timed_out`` None: the generator has just yielded ``parked.limit`` (a new call).
+        """
         try:
-            limit = next(parked.gen) if timed_out is None else parked.gen.send(timed_out)
+            limit = parked.limit if timed_out is None else parked.gen.send(timed_out)
             while limit is not None and limit <= now:  # already due: time out at once
                 limit = parked.gen.send(True)
         except StopIteration as stop:
