@@ -41,8 +41,10 @@ class Run:
                 client.send(p.Submit(task, payload=(task,)))
         return client, worker
 
-    def pump(self, client: Peer, worker: Peer, until: Callable[[], bool]) -> None:
-        """Submit, serve and collect until ``until()`` holds (TimeoutError after 30 s)."""
+    def pump(
+        self, client: Peer, worker: Peer, until: Callable[[], bool], serve: bool = True
+    ) -> None:
+        """Submit, collect and (if ``serve``) run tasks until ``until()`` holds (30 s at most)."""
         deadline = time.monotonic() + 30
         while not until():
             if time.monotonic() > deadline:
@@ -51,7 +53,7 @@ class Run:
                 task = b"%d" % self.next
                 client.send(p.Submit(task, payload=(task,)))
                 self.next += 1
-            while (message := worker.take()) is not None:
+            while serve and (message := worker.take()) is not None:
                 if isinstance(message, p.Dispatch):
                     result = p.Result(message.task, message.attempt, "ok", credit=1,
                                       payload=(b"echo:" + bytes(message.payload[0]),))  # fmt: skip
@@ -77,8 +79,10 @@ def test_no_accepted_task_is_lost_when_the_broker_is_killed(
     run = Run(keydir)
     with peers(broker.address) as make:
         client, worker = run.join(make)
-        # until the broker holds tasks it ACKed (batched, see acks.py) but has not run yet
-        run.pump(client, worker, until=lambda: len(run.acked - run.results.keys()) >= 16)
+        run.pump(client, worker, until=lambda: len(run.results) >= N // 3)
+        # then the worker stalls until the broker holds tasks it ACKed (at a tick: ACKs are
+        # batched, see acks.py) that have not run: tasks queued, running and awaiting DONE
+        run.pump(client, worker, lambda: len(run.acked - run.results.keys()) >= 16, serve=False)
         broker.kill()  # SIGKILL, mid-run: tasks queued, running and awaiting DONE
     acked_before_kill = set(run.acked)
     delivered_before_kill = set(run.results)
