@@ -112,7 +112,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("method", ["fork", "forkserver"])
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 @pytest.mark.parametrize("api", ["pool", "executor"])
 def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(
     api: str, method: str, tmp_path: Path
