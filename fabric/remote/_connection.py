@@ -242,7 +242,8 @@ class Connection(ClientIO):
         if isinstance(message, Reply):
             self._replied(message)
         elif isinstance(message, Ack):
-            self._tasks.acked(message)
+            with self._lock:
+                self._tasks.acked(message)
         elif isinstance(message, Reject):
             with self._lock:
                 return self._tasks.rejected(message, time.monotonic())
