@@ -25,4 +25,8 @@ def progress_bar(progress: Progress, total: int | None, desc: str) -> Any:
         from tqdm import tqdm
     except ImportError as exc:
         raise ImportError("progress=True needs tqdm: pip install 'taskfabric[progress]'") from exc
-    return tqdm(total=total, desc=desc, file=sys.stderr, unit="task")
+    # No monitor: tqdm's class-wide monitor thread would outlive the bar, and every
+    # later fork() would warn that the process has threads. A map updates its bar
+    # often enough without one.
+    quiet_tqdm = type("FabricBar", (tqdm,), {"monitor_interval": 0})
+    return quiet_tqdm(total=total, desc=desc, file=sys.stderr, unit="task")

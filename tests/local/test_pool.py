@@ -287,6 +287,8 @@ def test_progress_bar_only_when_forced_off_a_terminal(
     assert "8/8" not in capsys.readouterr().err
     assert pool.map(h.square, range(8), progress="force") == [x * x for x in range(8)]
     assert "8/8" in capsys.readouterr().err
+    # the bar leaves no thread behind (tqdm's monitor would make every later fork warn)
+    assert not [t for t in threading.enumerate() if "tqdm" in t.name]
     with pytest.raises(ValueError):
         pool.map(h.square, range(8), progress="sometimes")  # type: ignore[arg-type]
 

@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,7 @@ def test_map_shows_a_progress_bar_when_asked(
     assert "10/10" in capsys.readouterr().err
     assert mgr.Pool().map(abs, range(-6, 0), progress="force") == list(range(6, 0, -1))
     assert "6/6" in capsys.readouterr().err
+    assert not [t for t in threading.enumerate() if "tqdm" in t.name]  # no monitor thread left
     list(mgr.Executor().map(abs, range(3)))
     assert capsys.readouterr().err == ""  # off by default
     with pytest.raises(ValueError, match="progress must be"):
