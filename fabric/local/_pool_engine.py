@@ -1,19 +1,17 @@
-"""The engine under Pool and Executor: worker processes, task dispatch, crash recovery.
+"""The engine under Pool and Executor: task dispatch, results, crash recovery.
 
 Theory of operation
 -------------------
-One daemon thread per pool (the *loop*) owns every worker and every fd; callers
-only append tasks to ``pending`` and ring an eventfd, and only when the loop
-said it was about to sleep, so a burst of submissions costs no system call.
+One daemon thread per pool (the *loop*) owns every worker and every fd
+(``_pool_crew``); callers only append tasks to ``pending`` and ring an eventfd,
+and only when the loop said it was about to sleep, so a burst of submissions
+costs no system call.
 
-Each worker has its own pair of pipes (tasks in, results out): no lock is
-shared between workers, so a worker killed at any instant cannot block the
-others, and the parent always knows which worker holds which task. The loop
-*pushes* batches of tasks to a worker up to a credit sized from the measured
-task duration (about ``_QUEUE_AHEAD_S`` of work each, at least one, at most
-``_MAX_BATCH``), so no-op tasks travel hundreds per write while 10 ms tasks go
-two at a time and the last ones still spread evenly over the workers. Workers
-batch their results the same way (``_pool_worker``).
+The loop *pushes* batches of tasks to a worker up to a credit sized from the
+measured task duration (about ``_QUEUE_AHEAD_S`` of work each, at least one, at
+most ``_MAX_BATCH``), so no-op tasks travel hundreds per write while 10 ms
+tasks go two at a time and the last ones still spread evenly over the workers.
+Workers batch their results the same way (``_pool_worker``).
 
 A worker's death is seen on its pidfd (a forkserver worker's: its Process
 sentinel). The loop drains what the worker had already sent, reaps it, reads
@@ -22,25 +20,18 @@ charges only that task: it is requeued until it has taken down
 ``1 + retries`` workers, then fails with ``WorkerLostError``.
 The worker's other, not yet started tasks go back to the front of the queue
 uncharged. A replacement worker starts in the same slot.
-
-Workers are started *from the loop thread* so that ``PR_SET_PDEATHSIG`` (which
-fires when the parent *thread* exits) follows the pool's lifetime, not the
-lifetime of whichever thread created the pool.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
 import logging
-import mmap
 import os
 import pickle
 import selectors
 import sys
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor
 from typing import Any
@@ -49,9 +40,10 @@ import cloudpickle
 
 from fabric.errors import WorkerLostError
 from fabric.local import _pool_launch as launch
+from fabric.local import _pool_live, _pool_worker
 from fabric.local import _pool_wire as wire
-from fabric.local import _pool_worker
 from fabric.local._exceptions import ExceptionProxy, restore
+from fabric.local._pool_crew import Crew
 from fabric.local._pool_launch import WorkerHandle
 from fabric.local._pool_task import Statistics, Task, TerminatedError
 
@@ -62,7 +54,6 @@ log = logging.getLogger(__name__)
 _QUEUE_AHEAD_S = 0.004  # work queued per worker: hides a round trip, keeps the tail even
 _MAX_BATCH = 4096
 _EWMA = 0.2
-_READ_SIZE = 1 << 16  # (a read of 1 MiB costs an mmap and munmap each time: ~25 us)
 _EARLY_DEATHS = 3  # workers dying before READY this many times in a row break the pool
 
 
@@ -70,7 +61,7 @@ _RUNNING, _CLOSING, _TERMINATING = "running", "closing", "terminating"
 _FORKED = "forked"  # seen from a child forked off the pool's process
 
 
-class Engine:
+class Engine(Crew):
     """Run tasks on ``processes`` worker processes; survive their deaths."""
 
     def __init__(
@@ -87,14 +78,12 @@ class Engine:
                 f"the pool starts workers with one of {launch.START_METHODS}, not {start_method!r}"
             )
         config = _pool_worker.WorkerConfig(initializer, initargs, maxtasks, list(sys.path))
-        self._config = wire.encode(wire.CONFIG, cloudpickle.dumps(config, 5))
-        self.processes = processes
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        config_frame = wire.encode(wire.CONFIG, cloudpickle.dumps(config, 5))
+        super().__init__(processes, start_method, config_frame, self._wake_fd)
         self._maxtasks = maxtasks
         self._retries = retries
-        self._method = start_method
         self._pending: collections.deque[Task] = collections.deque()
-        self._workers: list[WorkerHandle | None] = [None] * processes
-        self._by_fd: dict[int, WorkerHandle] = {}
         self._state = _RUNNING
         self._broken: BrokenExecutor | None = None
         self._sleeping = False
@@ -105,19 +94,13 @@ class Engine:
         # can: a woken thread then finds the GIL free instead of waking twice.
         self._wakes: dict[Callable[[], object], None] = {}
         self._pickler = wire.Pickler(by_value=start_method != "fork")
-        self._slots_fd = os.memfd_create("fabric-pool-slots", os.MFD_CLOEXEC)
-        os.ftruncate(self._slots_fd, max(mmap.PAGESIZE, processes * _pool_worker.SLOT_STRIDE))
-        self._slots = mmap.mmap(self._slots_fd, 0)
-        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._wake_lock = threading.Lock()
-        self._selector = selectors.EpollSelector()
-        self._selector.register(self._wake_fd, selectors.EVENT_READ)
         self._stopped = threading.Event()
         # Set by Executor: once shut down, its queued work finishes even at interpreter
         # exit, as concurrent.futures does; a pool (or a running executor) is terminated.
         self.drain_at_exit = False
         self._thread = threading.Thread(target=self._run, name="fabric-pool", daemon=True)
-        _live.add(self)
+        _pool_live.add(self)
         self._thread.start()
 
     # -- called from any thread ------------------------------------------------
@@ -157,7 +140,8 @@ class Engine:
             self._state = _TERMINATING
             self._wake()
 
-    def _orphan(self) -> None:
+    def orphan(self) -> None:
+        """Disown the pool, in a child forked off its process: it is the parent's."""
         self._state = _FORKED
         self._wake_fd = -1  # the parent's: ringing it would only wake the parent
         self._stopped = threading.Event()
@@ -355,63 +339,7 @@ class Engine:
             return args if type(args) is list else list(args)
         return self._pickler.dumps(args)
 
-    def _flush(self, worker: WorkerHandle) -> None:
-        try:
-            while worker.outbuf:
-                written = os.write(worker.task_fd, worker.outbuf)
-                del worker.outbuf[:written]
-        except BlockingIOError:
-            pass
-        except (BrokenPipeError, OSError):  # the worker died: its exit fd will tell us how
-            worker.outbuf.clear()
-        # The task fd is registered (for writing) only while bytes wait to go out.
-        if bool(worker.outbuf) != worker.write_watched:
-            worker.write_watched = bool(worker.outbuf)
-            if worker.outbuf:
-                self._register(worker.task_fd, selectors.EVENT_WRITE, worker)
-            else:
-                self._unregister(worker.task_fd)
-
-    def _register(self, fd: int, events: int, worker: WorkerHandle) -> None:
-        try:
-            self._selector.register(fd, events)
-        except KeyError:
-            return
-        self._by_fd[fd] = worker
-
-    def _unregister(self, fd: int) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(fd)
-
     # -- results ---------------------------------------------------------------
-
-    def _read(self, worker: WorkerHandle) -> bool:
-        """Take what the worker sent; return False at end of file."""
-        while True:
-            try:
-                data = os.read(worker.out_fd, _READ_SIZE)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            if not data:
-                self._unregister(worker.out_fd)
-                return False
-            worker.inbuf += data
-            self._parse(worker)
-            if len(data) < _READ_SIZE:
-                return True
-
-    def _parse(self, worker: WorkerHandle) -> None:
-        buf, pos, size = worker.inbuf, 0, wire.HEADER.size
-        while len(buf) - pos >= size:
-            (length,) = wire.HEADER.unpack_from(buf, pos)
-            if len(buf) - pos - size < length:
-                break
-            kind, body = pickle.loads(memoryview(buf)[pos + size : pos + size + length])
-            pos += size + length
-            self._on_message(worker, kind, body)
-        del buf[:pos]
 
     def _on_message(self, worker: WorkerHandle, kind: str, body: Any) -> None:
         if kind == wire.DONE:
@@ -477,28 +405,11 @@ class Engine:
                 except Exception:
                     log.exception("waking the consumer of a result failed")
 
-    # -- worker life -----------------------------------------------------------
-
-    def _start_worker(self, index: int) -> None:
-        _pool_worker.SLOT.pack_into(self._slots, index * _pool_worker.SLOT_STRIDE, 0)
-        parent_only = [self._wake_fd, self._selector.fileno()]
-        for other in self._workers:
-            if other is not None:
-                parent_only += other.fds()
-        worker = launch.start(index, self._method, self._slots_fd, parent_only)
-        self._workers[index] = worker
-        for fd in (worker.exit_fd, worker.out_fd):
-            self._register(fd, selectors.EVENT_READ, worker)
-        worker.outbuf += self._config
-        self._flush(worker)
+    # -- crash recovery and shutdown -------------------------------------------
 
     def _on_exit(self, worker: WorkerHandle) -> None:
         self._read(worker)  # results sent before the death still count
-        code = worker.reap()
-        running = _pool_worker.SLOT.unpack_from(
-            self._slots, worker.index * _pool_worker.SLOT_STRIDE
-        )[0]
-        self._forget(worker)
+        code, running = self._retire(worker)
         lost = bool(worker.inflight) or (code != 0 and self._state == _RUNNING)
         if lost:
             self._lost += 1
@@ -545,20 +456,6 @@ class Engine:
         )
         self._finish(task, False, error, 0.0)
 
-    def _forget(self, worker: WorkerHandle) -> None:
-        for fd in worker.fds():
-            self._unregister(fd)
-            self._by_fd.pop(fd, None)
-        worker.close()
-        self._workers[worker.index] = None
-
-    def _stop_workers(self) -> None:
-        for worker in self._workers:
-            if worker is not None and not worker.retiring:
-                worker.retiring = True
-                worker.outbuf += wire.encode(wire.STOP, None)
-                self._flush(worker)
-
     def _break(self, reason: str, cause: BaseException | None) -> None:
         if self._broken is not None:
             return
@@ -579,51 +476,15 @@ class Engine:
 
     def _shutdown(self) -> None:
         try:
-            for worker in self._workers:
-                if worker is not None:
-                    worker.kill()
-            for worker in self._workers:
-                if worker is not None:
-                    worker.reap()
+            self._kill_workers()
             self._fail_all(TerminatedError("the pool was terminated before the task finished"))
-            for worker in self._workers:
-                if worker is not None:
-                    self._forget(worker)
+            self._forget_workers()
         finally:
             self._run_wakes()
             self._state = _TERMINATING
-            self._selector.close()
+            self._close_crew()
             with self._wake_lock:
                 os.close(self._wake_fd)
                 self._wake_fd = -1
-            self._slots.close()
-            os.close(self._slots_fd)
-            _live.discard(self)
+            _pool_live.discard(self)
             self._stopped.set()
-
-
-# Pools still running at interpreter exit are terminated, so Ctrl-C or an
-# uncaught exception never leaves workers behind. A weak set: it keeps no pool
-# alive, and each pool removes itself when its loop ends.
-_live: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-def _orphan_all() -> None:
-    for engine in list(_live):
-        engine._orphan()
-    _live.clear()
-
-
-# A forked child inherits the pools but not their threads or workers: not its to
-# use or stop.
-os.register_at_fork(after_in_child=_orphan_all)
-
-
-@atexit.register
-def _terminate_live() -> None:
-    engines = list(_live)
-    for engine in engines:
-        if not (engine.drain_at_exit and engine.closing):
-            engine.terminate()
-    for engine in engines:
-        engine.join(None if engine.drain_at_exit and engine.closing else 5.0)

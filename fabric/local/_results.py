@@ -2,7 +2,7 @@
 
 They mirror ``multiprocessing.pool`` (``get``/``wait``/``ready``/``successful``,
 callbacks run on the pool's loop thread before waiters wake) and add what the
-engine needs: each is fed by :class:`~fabric.local._pool_engine.Task` objects
+engine needs: each is fed by :class:`~fabric.local._pool_task.Task` objects
 delivering on the loop thread. A timed wait raises the builtin
 ``TimeoutError``.
 """
