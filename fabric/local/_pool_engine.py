@@ -78,8 +78,8 @@ class Engine(Crew):
                 f"the pool starts workers with one of {launch.START_METHODS}, not {start_method!r}"
             )
         config = _pool_worker.WorkerConfig(initializer, initargs, maxtasks, list(sys.path))
-        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         config_frame = wire.encode(wire.CONFIG, cloudpickle.dumps(config, 5))
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         super().__init__(processes, start_method, config_frame, self._wake_fd)
         self._maxtasks = maxtasks
         self._retries = retries
