@@ -406,18 +406,24 @@ class Broker:
                 wake.recv()
 
     def _drain(self, router: zmq.Socket[bytes], zap: ZapHandler | None, now: float) -> None:
-        receive = self._sessions.receive
+        receive, recv = self._sessions.receive, router.recv
         for _ in range(_BATCH):
             if not cast(int, router.getsockopt(_EVENTS)) & _POLLIN:  # cheaper than zmq.Again
                 return
-            frames = router.recv_multipart(_NOBLOCK, copy=False)
+            # frame by frame: a Frame's ``more`` is free, recv_multipart's RCVMORE lookups are not
+            head = recv(_NOBLOCK, copy=False)
+            frames = []
+            frame = head
+            while frame.more:
+                frame = recv(_NOBLOCK, copy=False)
+                frames.append(frame.buffer)
             user = ""
             if zap is not None:
                 try:
-                    user = str(frames[0].get("User-Id"))
+                    user = str(head.get("User-Id"))
                 except zmq.ZMQError:  # no ZAP metadata: an inproc peer (see local_endpoint)
                     user = LOCAL_USER
-            receive(frames[0].bytes, user, [f.buffer for f in frames[1:]], now)
+            receive(head.bytes, user, frames, now)
 
     def _flush(self, router: zmq.Socket[bytes], now: float) -> None:
         sessions = self._sessions
