@@ -145,22 +145,28 @@ class LazyFuture(Future[T]):
         The fast path of set_result/set_exception in one call; a future already
         cancelled (or finished) ignores the outcome instead of raising.
         """
-        result, exception = (value, None) if ok else (None, value)
+        if self.settle_now(ok, value):
+            return
+        try:
+            if ok:
+                super().set_result(value)
+            else:
+                super().set_exception(value)
+        except InvalidStateError:
+            pass
+
+    def settle_now(self, ok: bool, value: Any) -> bool:
+        """:meth:`settle` if no thread waits (no Condition yet); else return False."""
         with _lock:
-            fast = self._cond is None
-            if fast:
-                if self._state in _DONE:
-                    return
-                self._result = result
-                self._exception = exception
-                self._state = FINISHED
-        if not fast:
-            try:
-                if ok:
-                    super().set_result(value)
-                else:
-                    super().set_exception(value)
-            except InvalidStateError:
-                pass
-        elif self._callback_list:
+            if self._cond is not None:
+                return False
+            if self._state in _DONE:
+                return True
+            if ok:
+                self._result = value
+            else:
+                self._exception = value
+            self._state = FINISHED
+        if self._callback_list:
             self._invoke_callbacks()
+        return True

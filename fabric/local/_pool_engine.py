@@ -272,6 +272,10 @@ class Engine(Crew):
             return
         live = sorted((w for w in self._workers if w is not None), key=lambda w: len(w.inflight))
         rooms = [self._credit(w) for w in live]
+        if self._task_time <= 0 and len(live) < self.processes:
+            # Still forking, nothing measured: one task each, or the first worker
+            # would take the first two (biggest) chunks of a map and finish last.
+            rooms = [min(room, 1) for room in rooms]
         # Workers not started yet (or being replaced) keep their share of the queue.
         deal = (
             len(self._pending) - len(self._pending) * (self.processes - len(live)) // self.processes

@@ -46,8 +46,7 @@ class _FutureTask(LazyFuture[Any], Task):
     def deliver(self, ok: bool, value: Any, seconds: float) -> Callable[[], object] | None:
         # A cancelled future ignores the outcome. With no Condition, nobody waits
         # yet: settle now; else settle (and wake the waiter) once the loop is done.
-        if self._cond is None:
-            self.settle(ok, value)
+        if self.settle_now(ok, value):
             return None
         return functools.partial(self.settle, ok, value)
 
