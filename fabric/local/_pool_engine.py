@@ -311,12 +311,16 @@ class Engine(Crew):
         blobs: list[bytes] = []
         index: dict[int, int] = {}
         items = []
+        last_fn: object = None  # a batch mostly repeats one function: skip the lookup
+        fn_index = 0
         for task in batch:
             try:
-                fn_index = index.get(id(task.fn))
-                if fn_index is None:
-                    fn_index = index[id(task.fn)] = len(blobs)
-                    blobs.append(self._pickler.function(task.fn))
+                if task.fn is not last_fn:
+                    fn_index_or_none = index.get(id(task.fn))
+                    if fn_index_or_none is None:
+                        fn_index_or_none = index[id(task.fn)] = len(blobs)
+                        blobs.append(self._pickler.function(task.fn))
+                    fn_index, last_fn = fn_index_or_none, task.fn
                 if task.payload is None:
                     task.payload = self._payload(task)
             except Exception as exc:

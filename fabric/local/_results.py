@@ -167,7 +167,8 @@ class _ChunkTask(Task):
         start: int,
         items: list[Any],
     ) -> None:
-        super().__init__(fn, wire.STAR if star else wire.MAP, items)
+        # Not super().__init__: that costs twice as much, on imap's per-item path.
+        Task.__init__(self, fn, wire.STAR if star else wire.MAP, items)
         self.job = job
         self.seq = seq
         self.start = start
