@@ -43,6 +43,7 @@ class LazyFuture(Future[T]):
     """A Future whose Condition (and lists) are created by the first thread that needs one."""
 
     # Class-level defaults: a future nobody waits on stores only its state and outcome.
+    _state: str = PENDING
     _cond: threading.Condition | None = None
     _waiter_list: list[Any] | None = None
     _callback_list: list[Callable[[Future[T]], object]] | None = None
@@ -50,7 +51,7 @@ class LazyFuture(Future[T]):
     _exception: BaseException | None = None
 
     def __init__(self) -> None:  # Future.__init__ would build the Condition
-        self._state = PENDING
+        pass
 
     @property
     def _condition(self) -> threading.Condition:

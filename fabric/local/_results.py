@@ -348,17 +348,29 @@ class IMapIterator(Iterator[T], _ChunkSink):
 
     def _pop_ready(self) -> bool:
         taken, count, items = self._taken, 0, 0
+        # Results of consecutive chunks join into one list (each is a fresh list
+        # of its own): the caller then runs through a whole batch with one
+        # iterator instead of one call per chunk.
+        joined = taken[-1][1] if taken and taken[-1][0] else None
         if self._ordered:
             ready = self._ready
             while self._next_seq + count in ready:
                 ok, value, n = ready.pop(self._next_seq + count)
-                taken.append((ok, value))
+                if ok and joined is not None:
+                    joined += value
+                else:
+                    taken.append((ok, value))
+                    joined = value if ok else None
                 count, items = count + 1, items + n
         else:
             arrived = self._arrived
             while arrived:
                 ok, value, n = arrived.popleft()
-                taken.append((ok, value))
+                if ok and joined is not None:
+                    joined += value
+                else:
+                    taken.append((ok, value))
+                    joined = value if ok else None
                 count, items = count + 1, items + n
         self._next_seq += count
         self._outstanding -= items

@@ -37,9 +37,7 @@ class _FutureTask(LazyFuture[Any], Task):
 
     __slots__ = ()
 
-    def __init__(self, fn: Callable[..., Any], kind: int, args: Any, kwargs: Any) -> None:
-        LazyFuture.__init__(self)
-        Task.__init__(self, fn, kind, args, kwargs)
+    __init__ = Task.__init__  # (LazyFuture's state starts PENDING at class level)
 
     claim = LazyFuture.set_running_or_notify_cancel
 
@@ -103,7 +101,7 @@ class Executor(_Executor):
         """Schedule ``fn(*args, **kwargs)`` and return its Future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        task = _FutureTask(fn, wire.CALL, args, kwargs)
+        task: _FutureTask = _FutureTask(fn, wire.CALL, args, kwargs)
         self._engine.submit(task)
         return task
 
