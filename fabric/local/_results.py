@@ -447,7 +447,10 @@ class IMapIterator(Iterator[T], _ChunkSink):
         self._item_time = seconds / items
         if ok and self._progress is not None:
             self._progress.update(items)
-        self._arrive(task.seq, ok, value, items)
+        if self._ordered:  # _arrive(), inlined: this runs once per chunk
+            self._ready[task.seq] = (ok, value, items)
+        else:
+            self._arrived.append((ok, value, items))
         return self._waker
 
     def _resize(self) -> None:
