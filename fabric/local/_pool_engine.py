@@ -272,6 +272,10 @@ class Engine(Crew):
             return
         live = sorted((w for w in self._workers if w is not None), key=lambda w: len(w.inflight))
         rooms = [self._credit(w) for w in live]
+        if self._task_time <= 0 and len(live) < self.processes:
+            # Still forking, nothing measured: one task each, or the first worker
+            # would take the first two (biggest) chunks of a map and finish last.
+            rooms = [min(room, 1) for room in rooms]
         # Workers not started yet (or being replaced) keep their share of the queue.
         deal = (
             len(self._pending) - len(self._pending) * (self.processes - len(live)) // self.processes
@@ -307,12 +311,16 @@ class Engine(Crew):
         blobs: list[bytes] = []
         index: dict[int, int] = {}
         items = []
+        last_fn: object = None  # a batch mostly repeats one function: skip the lookup
+        fn_index = 0
         for task in batch:
             try:
-                fn_index = index.get(id(task.fn))
-                if fn_index is None:
-                    fn_index = index[id(task.fn)] = len(blobs)
-                    blobs.append(self._pickler.function(task.fn))
+                if task.fn is not last_fn:
+                    fn_index_or_none = index.get(id(task.fn))
+                    if fn_index_or_none is None:
+                        fn_index_or_none = index[id(task.fn)] = len(blobs)
+                        blobs.append(self._pickler.function(task.fn))
+                    fn_index, last_fn = fn_index_or_none, task.fn
                 if task.payload is None:
                     task.payload = self._payload(task)
             except Exception as exc:

@@ -33,6 +33,7 @@ _MAX_CHUNK = 4096
 # for the caller to read more input, and memory stays bounded.
 _WINDOW_S = 0.02
 _MIN_WINDOW, _MAX_WINDOW = 256, 16384
+_READ_CHUNKS = 4096  # chunks read from the input at a time (Pool.close() reads it all)
 
 
 def chunk_bounds(length: int, processes: int, chunksize: int | None) -> list[int]:
@@ -166,7 +167,8 @@ class _ChunkTask(Task):
         start: int,
         items: list[Any],
     ) -> None:
-        super().__init__(fn, wire.STAR if star else wire.MAP, items)
+        # Not super().__init__: that costs twice as much, on imap's per-item path.
+        Task.__init__(self, fn, wire.STAR if star else wire.MAP, items)
         self.job = job
         self.seq = seq
         self.start = start
@@ -288,6 +290,7 @@ class IMapIterator(Iterator[T], _ChunkSink):
         self._feeding = threading.Lock()  # the caller and Pool.close() may both feed
         self._input_error: Exception | None = None
         self._cut_short = False  # the pool stopped before all input was sent
+        self._waker = self._wake  # one bound method: the engine keys its wake-ups by it
         self._refill()
 
     def __iter__(self) -> IMapIterator[T]:
@@ -310,6 +313,8 @@ class IMapIterator(Iterator[T], _ChunkSink):
         ok, value = self._taken.popleft()
         if not ok:
             raise value
+        if len(value) == 1:  # (chunksize=1: no iterator)
+            return value[0]  # type: ignore[no-any-return]
         self._current = iter(value)  # a chunk's result holds one value per item, never none
         return next(self._current)  # type: ignore[no-any-return]
 
@@ -343,17 +348,29 @@ class IMapIterator(Iterator[T], _ChunkSink):
 
     def _pop_ready(self) -> bool:
         taken, count, items = self._taken, 0, 0
+        # Results of consecutive chunks join into one list (each is a fresh list
+        # of its own): the caller then runs through a whole batch with one
+        # iterator instead of one call per chunk.
+        joined = taken[-1][1] if taken and taken[-1][0] else None
         if self._ordered:
             ready = self._ready
             while self._next_seq + count in ready:
                 ok, value, n = ready.pop(self._next_seq + count)
-                taken.append((ok, value))
+                if ok and joined is not None:
+                    joined += value
+                else:
+                    taken.append((ok, value))
+                    joined = value if ok else None
                 count, items = count + 1, items + n
         else:
             arrived = self._arrived
             while arrived:
                 ok, value, n = arrived.popleft()
-                taken.append((ok, value))
+                if ok and joined is not None:
+                    joined += value
+                else:
+                    taken.append((ok, value))
+                    joined = value if ok else None
                 count, items = count + 1, items + n
         self._next_seq += count
         self._outstanding -= items
@@ -380,14 +397,18 @@ class IMapIterator(Iterator[T], _ChunkSink):
             tasks = []
             self._resize()
             limit = self._window if window is None else window
+            size = self._chunk()
             while self._input is not None and self._outstanding < limit:
-                items = self._read(self._chunk())
-                if items:
-                    task = _ChunkTask(self, self._fn, self._star, self._seq, self._start, items)
+                # Whole chunks, read at once: one islice per refill, not one per chunk.
+                chunks = int(min(_READ_CHUNKS, -(-(limit - self._outstanding) // size)))
+                items = self._read(chunks * size)
+                for start in range(0, len(items), size):
+                    chunk = items[start : start + size]
+                    task = _ChunkTask(self, self._fn, self._star, self._seq, self._start, chunk)
                     tasks.append(task)
                     self._seq += 1
-                    self._start += len(items)
-                    self._outstanding += len(items)
+                    self._start += len(chunk)
+                self._outstanding += len(items)
             if self._input_error is not None:
                 self._arrive(self._seq, False, self._input_error, 0)
                 self._wake()
@@ -400,13 +421,12 @@ class IMapIterator(Iterator[T], _ChunkSink):
         items: list[Any] = []
         assert self._input is not None
         try:
-            for _ in range(size):
-                items.append(next(self._input))
-        except StopIteration:
-            self._input = None
+            items.extend(itertools.islice(self._input, size))  # keeps what came before a raise
         except Exception as exc:  # raised in its place, after the items read before it
             self._input = None
             self._input_error = exc
+        if len(items) < size:
+            self._input = None
         return items
 
     def submit_rest(self) -> None:
@@ -427,8 +447,11 @@ class IMapIterator(Iterator[T], _ChunkSink):
         self._item_time = seconds / items
         if ok and self._progress is not None:
             self._progress.update(items)
-        self._arrive(task.seq, ok, value, items)
-        return self._wake
+        if self._ordered:  # _arrive(), inlined: this runs once per chunk
+            self._ready[task.seq] = (ok, value, items)
+        else:
+            self._arrived.append((ok, value, items))
+        return self._waker
 
     def _resize(self) -> None:
         per_worker = _MIN_WINDOW

@@ -37,17 +37,14 @@ class _FutureTask(LazyFuture[Any], Task):
 
     __slots__ = ()
 
-    def __init__(self, fn: Callable[..., Any], kind: int, args: Any, kwargs: Any) -> None:
-        LazyFuture.__init__(self)
-        Task.__init__(self, fn, kind, args, kwargs)
+    __init__ = Task.__init__  # (LazyFuture's state starts PENDING at class level)
 
     claim = LazyFuture.set_running_or_notify_cancel
 
     def deliver(self, ok: bool, value: Any, seconds: float) -> Callable[[], object] | None:
         # A cancelled future ignores the outcome. With no Condition, nobody waits
         # yet: settle now; else settle (and wake the waiter) once the loop is done.
-        if self._cond is None:
-            self.settle(ok, value)
+        if self.settle_now(ok, value):
             return None
         return functools.partial(self.settle, ok, value)
 
@@ -104,7 +101,7 @@ class Executor(_Executor):
         """Schedule ``fn(*args, **kwargs)`` and return its Future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        task = _FutureTask(fn, wire.CALL, args, kwargs)
+        task: _FutureTask = _FutureTask(fn, wire.CALL, args, kwargs)
         self._engine.submit(task)
         return task
 
