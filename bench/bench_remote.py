@@ -12,10 +12,14 @@ Every row is measured in the same run on this machine:
   thread handing pickled calls to 2 DEALER worker processes, no journal, no
   keys, no retries;
 * cold start: ``Manager()`` to the first task result, against
-  ``ProcessPoolExecutor`` (local) start-up.
-
-dask, Ray, Celery and ipyparallel are not installed here; their figures
-measured elsewhere are in the design notes, not in these tables.
+  ``ProcessPoolExecutor`` (local) start-up;
+* the task peers, each with 2 worker processes, in the same three tables: dask
+  distributed (LocalCluster, processes), ipyparallel (2 engines), Ray
+  (num_cpus=2) and Celery (prefork worker, redis broker and backend started
+  here). They are optional (the ``bench`` extra; Celery also needs
+  ``redis-server``): missing ones are skipped and named in the tables' note.
+  Each repeat starts every peer afresh (its cold start), measures it warm, and
+  stops every process it started.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 import cloudpickle
 import zmq
 
+from bench import _peers
 from bench._harness import Stats, Table, rate, repeat
 from fabric.remote import Manager
 
@@ -216,6 +221,41 @@ def _task_tables(repeats: int, mgr: Manager, floor: _Floor) -> list[Table]:
     return [thru, trip]
 
 
+def _warm(peer: _peers.Peer, items: list[int]) -> dict[tuple[str, str], float]:
+    """Measure a started peer: {(table, row suffix): tasks/s by submit and map, trip in us}."""
+    peer.submit_all(items[:50])  # warm: every worker has served
+    out = {("thru", " submit"): rate(len(items), lambda: peer.submit_all(items))}
+    if peer.has_map:
+        out["thru", " map"] = rate(len(items), lambda: peer.map_all(items))
+    out["trip", ""] = _per_op(N_TRIPS, lambda: [peer.trip() for _ in range(N_TRIPS)])
+    return out
+
+
+def _peer_rows(repeats: int, thru: Table, trip: Table, cold: Table) -> None:
+    """Add every available peer's rows; name the missing ones in the notes."""
+    items = list(range(N_TASKS))
+    skipped = [f"{n} ({why})" for n in _peers.PEERS if (why := _peers.missing(n))]
+    runs = {n: p for n, p in _peers.PEERS.items() if not _peers.missing(n)}
+    values: dict[tuple[str, str], list[float]] = {}
+    for _ in range(repeats):  # each repeat starts every peer afresh: its cold start
+        for name, peer in runs.items():
+            took, running = _peers.cold_start(peer)
+            values.setdefault(("cold", name), []).append(took)
+            try:
+                for (kind, suffix), figure in _warm(running, items).items():
+                    values.setdefault((kind, name + suffix), []).append(figure)
+            finally:
+                running.close()
+    tables = {"cold": cold, "thru": thru, "trip": trip}
+    for (kind, name), figures in values.items():
+        tables[kind].add(name, Stats(tuple(figures)))
+    note = f"{WORKERS} worker processes everywhere."
+    if skipped:
+        note += f" Skipped: {', '.join(skipped)}."
+    for table in tables.values():
+        table.note = note
+
+
 def _cold_start() -> float:
     start = time.perf_counter()
     with Manager(processes=WORKERS) as mgr:
@@ -251,6 +291,8 @@ def run(repeats: int) -> list[Table]:
     finally:
         floor.close()
         sync.shutdown()
+    thru, trip = tables[2:4]
+    _peer_rows(repeats, thru, trip, cold)
     return [*tables, cold]
 
 
