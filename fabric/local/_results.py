@@ -352,29 +352,23 @@ class IMapIterator(Iterator[T], _ChunkSink):
         # of its own): the caller then runs through a whole batch with one
         # iterator instead of one call per chunk.
         joined = taken[-1][1] if taken and taken[-1][0] else None
-        if self._ordered:
-            ready = self._ready
-            while self._next_seq + count in ready:
-                ok, value, n = ready.pop(self._next_seq + count)
-                if ok and joined is not None:
-                    joined += value
-                else:
-                    taken.append((ok, value))
-                    joined = value if ok else None
-                count, items = count + 1, items + n
-        else:
-            arrived = self._arrived
-            while arrived:
-                ok, value, n = arrived.popleft()
-                if ok and joined is not None:
-                    joined += value
-                else:
-                    taken.append((ok, value))
-                    joined = value if ok else None
-                count, items = count + 1, items + n
+        for ok, value, n in self._ordered_ready() if self._ordered else _drain(self._arrived):
+            if ok and joined is not None:
+                joined += value
+            else:
+                taken.append((ok, value))
+                joined = value if ok else None
+            count, items = count + 1, items + n
         self._next_seq += count
         self._outstanding -= items
         return bool(taken)
+
+    def _ordered_ready(self) -> Iterator[tuple[bool, Any, int]]:
+        # the results from _next_seq on, for as long as they are consecutive
+        ready, seq = self._ready, self._next_seq
+        while seq in ready:
+            yield ready.pop(seq)
+            seq += 1
 
     def _arrive(self, seq: int, ok: bool, value: Any, items: int) -> None:
         # No lock: a dict store or deque append is atomic, and every arrival is
@@ -464,3 +458,9 @@ class IMapIterator(Iterator[T], _ChunkSink):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+
+
+def _drain(arrived: collections.deque[tuple[bool, Any, int]]) -> Iterator[tuple[bool, Any, int]]:
+    """Pop ``arrived`` from the left until it is empty (appends may race in: they are taken too)."""
+    while arrived:
+        yield arrived.popleft()
