@@ -296,7 +296,27 @@ def run(repeats: int) -> list[Table]:
     return [*tables, cold]
 
 
+def run_objects(repeats: int) -> list[Table]:
+    """Measure only the managed-object tables (dict and Queue), for quick iterations."""
+    sync = mpm.SyncManager(address=("127.0.0.1", 0))
+    sync.start()
+    try:
+        with Manager(processes=WORKERS) as mgr:
+            list(mgr.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
+            return _dict_table(repeats, mgr, sync)
+    finally:
+        sync.shutdown()
+
+
 if __name__ == "__main__":
+    # python -m bench.bench_remote [--objects] [--repeats N]: --objects measures only the
+    # managed dict and Queue rows (the task peers take minutes)
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the remote family, or only its object rows")
+    parser.add_argument("--objects", action="store_true", help="only the managed-object tables")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", os.getcwd())
-    for table in run(3):
+    for table in (run_objects if args.objects else run)(args.repeats):
         print(table.markdown())
