@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -44,7 +44,6 @@ _BATCH = 1000
 _PEERS_ACTIVE_S, _SHARE_EVERY_S, _NAP_S = 0.02, 0.0005, 1e-6
 # plain ints: pyzmq's IntFlag arithmetic costs more than the send itself on small messages
 _NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _MORE = int(zmq.SNDMORE) | _NOBLOCK
 _ZERO_COPY = 64 * 1024  # below this, copying a frame is cheaper than tracking a zero-copy one
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -408,10 +407,13 @@ class Broker:
     def _drain(self, router: zmq.Socket[bytes], zap: ZapHandler | None, now: float) -> None:
         receive, recv = self._sessions.receive, router.recv
         for _ in range(_BATCH):
-            if not cast(int, router.getsockopt(_EVENTS)) & _POLLIN:  # cheaper than zmq.Again
+            # one zmq.Again per drain costs less than a getsockopt(EVENTS) per message
+            # (pyzmq looks the option up in an enum each time)
+            try:
+                head = recv(_NOBLOCK, copy=False)
+            except zmq.Again:
                 return
             # frame by frame: a Frame's ``more`` is free, recv_multipart's RCVMORE lookups are not
-            head = recv(_NOBLOCK, copy=False)
             frames = []
             frame = head
             while frame.more:
