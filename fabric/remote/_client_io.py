@@ -242,7 +242,12 @@ class ClientIO(ABC):
             self._turn(min(self._link.next_tick(now), due - now))
 
     def _turn(self, timeout: float) -> None:
-        """Sleep until input, a wake-up or ``timeout``; then do all the socket work due."""
+        """Sleep until input, a wake-up or ``timeout``; then do all the socket work due.
+
+        What arrived is received and its callbacks run first, the housekeeping
+        (queued sends, heartbeats, the lost-broker clock, held-back tasks) after:
+        a result waits for nothing that is not its own.
+        """
         watching = self._watch()
         callbacks: list[Callable[[], None]] = []
         try:
@@ -262,13 +267,6 @@ class ClientIO(ABC):
                     os.read(pipe, 4096)
             if self._refused is not None:
                 raise self._refused
-            with self._sock_lock:
-                self._flush()
-                now = time.monotonic()
-                self._link.tick(now)
-                self._check_lost(now)
-                self._resend_busy(now)
-                self._flush()
             # not watching: drain at each turn anyway (heartbeats), unless a caller receives
             if watching or self._receiver.acquire(blocking=False):
                 try:
@@ -283,6 +281,13 @@ class ClientIO(ABC):
             callbacks, self._handoff = self._handoff + callbacks, []
         for callback in callbacks:
             callback()
+        with self._sock_lock:
+            self._flush()
+            now = time.monotonic()
+            self._link.tick(now)
+            self._check_lost(now)
+            self._resend_busy(now)
+            self._flush()
 
     def _watch(self) -> bool:
         """Take the receiver role if something must be watched for; return whether taken."""
