@@ -145,6 +145,7 @@ class Connection(ClientIO):
         with self._lock:
             self._check_open()
             self._tasks.add(message, on_result)
+            self._tasks_at = time.monotonic()
             watching = self._watching
         self._send_or_queue(message)
         if not watching:
