@@ -316,15 +316,29 @@ def run_objects(repeats: int) -> list[Table]:
         sync.shutdown()
 
 
+def run_tasks(repeats: int) -> list[Table]:
+    """Measure only fabric's task tables against the raw floor (no peers), for quick iterations."""
+    floor = _Floor()
+    try:
+        with Manager(processes=WORKERS) as mgr:
+            list(mgr.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
+            return _task_tables(repeats, mgr, floor)
+    finally:
+        floor.close()
+
+
 if __name__ == "__main__":
-    # python -m bench.bench_remote [--objects] [--repeats N]: --objects measures only the
-    # managed dict and Queue rows (the task peers take minutes)
+    # python -m bench.bench_remote [--objects | --tasks] [--repeats N]: --objects measures only
+    # the managed dict and Queue rows, --tasks only fabric's task rows and the raw floor (the
+    # task peers take minutes)
     import argparse
 
-    parser = argparse.ArgumentParser(description="the remote family, or only its object rows")
+    parser = argparse.ArgumentParser(description="the remote family, or only some of its rows")
     parser.add_argument("--objects", action="store_true", help="only the managed-object tables")
+    parser.add_argument("--tasks", action="store_true", help="only the task tables, no peers")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", os.getcwd())
-    for table in (run_objects if args.objects else run)(args.repeats):
+    only = run_objects if args.objects else run_tasks if args.tasks else run
+    for table in only(args.repeats):
         print(table.markdown())

@@ -6,8 +6,9 @@ per call). One thread at a time, the *receiver* (``_receiver``), sleeps on the
 socket's readiness fd (``zmq.FD``, which can be watched without touching the
 socket), drains the socket and resolves what came back. A thread waiting for
 its reply takes that role itself if it is free (see ``Connection``); the I/O
-thread takes it when something else is awaited (task results, host jobs,
-calls of threads that are not receiving, a WELCOME) and otherwise sleeps on
+thread takes it when something else is awaited (task results, and for
+``TASK_LINGER_S`` after the last submit, host jobs, calls of threads that are
+not receiving, a WELCOME) and otherwise sleeps on
 its wake-up pipe and timers only, draining the socket at each timer tick.
 ``zmq.FD`` is edge-triggered and any socket call may consume its edge, so
 whoever used the socket checks ``zmq.EVENTS`` before letting go and, if input
@@ -40,6 +41,12 @@ from fabric.remote._link import Link, LinkRefused, Runtime
 log = logging.getLogger(__name__)
 
 RETRY_S = 0.05  # how often a thread waiting on the socket or a latch looks again
+# the I/O thread keeps watching this long after the last task: a caller that submits
+# one task after another's result does not wake it each time
+TASK_LINGER_S = 0.1
+# chores (heartbeats, held-back tasks, DONE batches) are looked at this often at most
+# while nothing is queued to send: far finer than any of their own clocks
+CHORES_S = 0.005
 
 
 class ClientIO(ABC):
@@ -92,6 +99,9 @@ class ClientIO(ABC):
             os.set_blocking(fd, False)  # a full pipe already says "look"
         self._receiver = threading.Lock()  # held by the one thread watching the socket
         self._watching = False  # the I/O thread is the receiver (guarded by _lock)
+        self._tasks_at = 0.0  # when the last task was submitted (guarded by _lock)
+        self._chores_at = 0.0  # the chores are due again (I/O thread only)
+        self._poller, self._polled = select.poll(), ()  # the I/O thread's, and what it watches
         self._handoff: list[Callable[[], None]] = []  # callbacks a receiving caller got
         self._refused: LinkRefused | None = None
         self._closing = False
@@ -242,7 +252,13 @@ class ClientIO(ABC):
             self._turn(min(self._link.next_tick(now), due - now))
 
     def _turn(self, timeout: float) -> None:
-        """Sleep until input, a wake-up or ``timeout``; then do all the socket work due."""
+        """Sleep until input, a wake-up or ``timeout``; then do all the socket work due.
+
+        What arrived is received and its callbacks run first, the chores (queued
+        sends, heartbeats, the lost-broker clock, held-back tasks) after, and
+        at most every ``CHORES_S`` while nothing is queued: a result waits for
+        nothing that is not its own, and a busy I/O thread spends little on them.
+        """
         watching = self._watch()
         callbacks: list[Callable[[], None]] = []
         try:
@@ -250,25 +266,13 @@ class ClientIO(ABC):
                 sock = self._link.socket
                 fd = cast(int, sock.getsockopt(zmq.FD)) if watching and sock else None
                 ready = watching and self._input_pending()
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            if watching:
-                poller.register(self._input_r, select.POLLIN)
-            if fd is not None:
-                poller.register(fd, select.POLLIN)
+            poller = self._poller_for((self._input_r,) if watching else (), fd)
             events = dict(poller.poll(0 if ready else max(0, int(timeout * 1000)) + 1))
             for pipe in (self._wake_r, self._input_r):
                 if pipe in events:
                     os.read(pipe, 4096)
             if self._refused is not None:
                 raise self._refused
-            with self._sock_lock:
-                self._flush()
-                now = time.monotonic()
-                self._link.tick(now)
-                self._check_lost(now)
-                self._resend_busy(now)
-                self._flush()
             # not watching: drain at each turn anyway (heartbeats), unless a caller receives
             if watching or self._receiver.acquire(blocking=False):
                 try:
@@ -283,13 +287,36 @@ class ClientIO(ABC):
             callbacks, self._handoff = self._handoff + callbacks, []
         for callback in callbacks:
             callback()
+        now = time.monotonic()
+        if now >= self._chores_at or self._outbox or not self._link.ready:
+            self._chores_at = now + CHORES_S
+            with self._sock_lock:
+                self._flush()
+                self._link.tick(now)
+                self._check_lost(now)
+                self._resend_busy(now)
+                self._flush()
+
+    def _poller_for(self, pipes: tuple[int, ...], fd: int | None) -> select.poll:
+        """Return a poller of the wake-up pipe, ``pipes`` and ``fd`` (kept while those stay)."""
+        fds = (self._wake_r, *pipes, *(() if fd is None else (fd,)))
+        if fds != self._polled:
+            self._poller, self._polled = select.poll(), fds
+            for each in fds:
+                self._poller.register(each, select.POLLIN)
+        return self._poller
 
     def _watch(self) -> bool:
         """Take the receiver role if something must be watched for; return whether taken."""
         receiver = self._receiver.acquire(blocking=False)
         with self._lock:  # decided and published at once: submit() reads it under _lock
             self._watching = receiver and bool(
-                self._tasks or self._calls or self._hosting or self._closing or not self._link.ready
+                self._tasks
+                or self._calls
+                or self._hosting
+                or self._closing
+                or not self._link.ready
+                or time.monotonic() - self._tasks_at < TASK_LINGER_S
             )
             watch = self._watching
         if receiver and not watch:

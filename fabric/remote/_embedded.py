@@ -89,6 +89,7 @@ class EmbeddedCluster:
             command += ["--keys", str(self._keys)]
         elif self.curve is not None:
             env[CURVE_ENV] = encode_curve(self.curve)
+        env.pop(LANE_ENV, None)  # a lane this process was handed is not its node's
         if self.lane is not None:
             env[LANE_ENV] = self.lane.env()
         return subprocess.Popen(command, stdin=subprocess.PIPE, env=env)

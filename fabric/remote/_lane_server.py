@@ -24,10 +24,11 @@ import tempfile
 import threading
 from typing import Any
 
+from fabric.broker.protocol import Call
 from fabric.errors import BrokerUnavailable, ProtocolError
 from fabric.local import Pipe
 from fabric.local.connection import Connection as End
-from fabric.remote._client_calls import LocalBroker
+from fabric.remote._client_calls import LocalBroker, PendingCall
 from fabric.remote._connection import Connection
 from fabric.remote._lane import (
     CALL,
@@ -45,6 +46,48 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how soon an idle channel thread notices the lane closing
 _ADMIT_S = 2.0  # how long a connecting client may take to show its secret
+_JOIN_S = 10.0  # threads end within _POLL_S of close(); this only bounds a bug
+
+
+class _Session(Connection):
+    """The broker session of one lane client; its calls run in the calling channel's thread."""
+
+    def apply(
+        self, host: str, obj_id: str, method: str, payload: bytes, wait: float | None
+    ) -> bytes:
+        """Do what ``call`` does, minus the booking of calls the broker answers at once.
+
+        Most calls are answered inside ``call_local``; only one that parks is
+        booked (under the broker's lock, before its reply can come over the
+        socket) and then awaited like any other.
+        """
+        assert self._local is not None
+        message = Call(
+            host=host, call=next(self._seq), object=obj_id, method=method, payload=(payload,)
+        )
+        booked: list[PendingCall] = []
+
+        def parked() -> None:
+            pending = PendingCall(message)
+            with self._lock:
+                self._calls[message.call] = pending
+            booked.append(pending)
+
+        try:
+            replies = self._local.call_local(self.session, message, parked)
+        except LookupError:  # no session (any more): the usual path says why
+            return self.call(host, obj_id, method, payload, wait)
+        answer = None
+        for reply in replies:
+            if reply.call == message.call:
+                answer = reply
+            else:
+                self._replied(reply)
+        if answer is None:
+            return self._await_call(booked[0], wait)
+        if answer.status in ("ok", "error"):
+            return bytes(answer.payload[0])
+        raise BrokerUnavailable(f"object call failed: {answer.status}: {answer.message}")
 
 
 class _Client:
@@ -52,7 +95,7 @@ class _Client:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.conn: Connection | None = None
+        self.conn: _Session | None = None
 
     def close(self) -> None:
         self.sock.close()
@@ -109,12 +152,12 @@ class LaneServer:
             self._closing = True
         os.write(self._stop_w, b"x")
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(_JOIN_S)
         for client in self._clients.values():
-            client.close()
+            client.close()  # fails the calls its channels await
         self._clients.clear()
         for thread in self._channels:
-            thread.join()
+            thread.join(_JOIN_S)
         self._listener.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
@@ -182,7 +225,7 @@ class LaneServer:
                 return False
             if client.conn is None:
                 assert self._broker is not None
-                client.conn = Connection(
+                client.conn = _Session(
                     self._address, role="client", local=self._broker, timeout=self._timeout
                 )
             mine, theirs = Pipe()
@@ -202,7 +245,7 @@ class LaneServer:
         return True
 
     # --- a channel's thread ------------------------------------------------------------------
-    def _serve_channel(self, end: End, conn: Connection) -> None:
+    def _serve_channel(self, end: End, conn: _Session) -> None:
         with end:
             while True:
                 try:
@@ -219,12 +262,12 @@ class LaneServer:
                     return
 
 
-def _answer(conn: Connection, request: Any) -> tuple[bool, Any]:
+def _answer(conn: _Session, request: Any) -> tuple[bool, Any]:
     """Apply one request; return (True, reply payload) or (False, the error to raise there)."""
     try:
         kind, host, target, what, payload, wait = request
         if kind == CALL:
-            return True, conn.call(host, target, what, payload, wait)
+            return True, conn.apply(host, target, what, payload, wait)
         if kind == CREATE:
             return True, conn.create(host, target, what, payload)
         raise ProtocolError(f"unknown same-host lane request {kind!r}")
