@@ -1,14 +1,16 @@
 """The broker against a raw-pyzmq floor: no-op tasks from one client to two workers.
 
-The floor is the least a ZeroMQ broker can do: one ROUTER, workers that say
-READY, requests forwarded to the least recently used worker, replies
-forwarded back; no acknowledgements, heartbeats, journal or authentication.
-fabric's broker runs as ``python -m fabric.broker broker`` with CURVE on (and
-variants without keys, and with the journal), its workers and client are raw
-pyzmq peers speaking the wire protocol, so both sides pay for the same
-sockets and processes and differ only in the broker. Each worker has one slot
-in both cases. Throughput keeps a window of 256 tasks in flight; the round
-trip sends one task at a time.
+The floor is the least a ZeroMQ broker can do: one ROUTER, credit-based
+workers that announce ``WORKER_WINDOW`` slots once (READY n), each request
+forwarded as one message to the worker slot free the longest, each reply
+forwarded back as one message and freeing its slot; no acknowledgements,
+heartbeats, journal or authentication. fabric's broker runs as ``python -m
+fabric.broker broker`` with CURVE on (and variants without keys, and with the
+journal), its workers and client are raw pyzmq peers speaking the wire
+protocol, with the same window (HELLO's capacity, one credit back with each
+RESULT), so both sides pay for the same sockets, processes and in-flight
+slots and differ only in the broker. Throughput keeps a window of 256 tasks
+in flight; the round trip sends one task at a time.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ TASKS = 5000
 ROUNDS = 500
 WINDOW = 256
 DONE_BATCH = 256
+WORKER_WINDOW = 16  # tasks a worker keeps in flight (its credit), the same for every broker
 PY, CP = "3.11", "3.1"
 
 
@@ -60,7 +63,7 @@ def _raw_broker(address: str) -> None:
             if kind == b"STOP":
                 return
             if kind == b"READY":
-                ready.append(ident)
+                ready.extend([ident] * int(rest[0]))
             elif kind == b"REQ":
                 waiting.append([ident, *rest])
             else:  # a reply: [client, payload]
@@ -73,7 +76,7 @@ def _raw_broker(address: str) -> None:
 def _raw_worker(address: str) -> None:
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
         sock.connect(address)
-        sock.send(b"READY")
+        sock.send_multipart([b"READY", b"%d" % WORKER_WINDOW])
         while True:
             frames = sock.recv_multipart()
             if frames[0] == b"STOP":
@@ -105,7 +108,7 @@ def _fabric_worker(address: str, keydir: str | None) -> None:
         if keydir:
             PeerKeys.load(keydir, "worker").configure(sock)
         sock.connect(address)
-        sock.send_multipart(p.encode(p.Hello("worker", "w", os.urandom(16), PY, CP, 1)))
+        sock.send_multipart(p.encode(p.Hello("worker", "w", os.urandom(16), PY, CP, WORKER_WINDOW)))
         while True:
             if not sock.poll(500):
                 sock.send_multipart(p.encode(p.Heartbeat()))
@@ -271,7 +274,8 @@ def run(repeats: int) -> list[Table | Samples]:
             p99.add(name, Stats(tuple(tails)))
     note = (
         f"{TASKS} tasks per throughput run with {WINDOW} in flight; {ROUNDS} sequential tasks per"
-        " latency run. Per task both send four messages; fabric adds a DONE per 256 results and"
+        f" latency run. Every worker keeps up to {WORKER_WINDOW} tasks in flight (its credit) in"
+        " both brokers. Per task both send four messages; fabric adds a DONE per 256 results and"
         " batched ACKs (see the protocol page)."
     )
     tput.note = median.note = note

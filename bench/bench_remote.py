@@ -5,7 +5,9 @@ Every row is measured in the same run on this machine:
 * managed dict ``d[k] = v`` and Queue ``put``+``get`` round trips: fabric's
   embedded Manager (whose calls run in its own broker, in the calling thread)
   against ``multiprocessing.managers.SyncManager`` over TCP, plus the same
-  loops run in one of fabric's task processes, whose calls cross the socket
+  loops run in one of the embedded worker node's task processes: over the
+  same-host lane (shared-memory rings to a thread of the Manager's process,
+  the default there), and, from a ``Manager(lane=False)``, across the socket
   (TCP + CURVE) to the broker like any remote client's;
 * no-op task throughput (``submit`` and ``map``) with 2 worker processes, and
   the single-task round trip, against a raw pyzmq floor: a ROUTER broker
@@ -151,16 +153,20 @@ def _puts_gets(q: Any, count: int = N_OPS) -> float:
     return count / (time.perf_counter() - start)
 
 
-def _dict_table(repeats: int, mgr: Manager, sync: mpm.SyncManager) -> list[Table]:
+def _dict_table(repeats: int, mgr: Manager, sync: mpm.SyncManager, tcp: Manager) -> list[Table]:
     ops = Table("Managed dict: d[k] = v, one client", "ops/s", baseline="SyncManager (TCP)")
     queue_t = Table("Managed Queue: put + get, one client", "items/s", baseline="SyncManager (TCP)")
-    ex = mgr.Executor()
     here: dict[str, tuple[Any, Any]] = {
         "SyncManager (TCP)": (sync.dict(), sync.Queue()),  # type: ignore[attr-defined]
         "fabric Manager": (mgr.dict(), mgr.Queue()),
     }
-    remote = ("fabric, from a task process (TCP + CURVE)", mgr.dict(), mgr.Queue())
-    sets: dict[str, list[float]] = {name: [] for name in [*here, remote[0]]}
+    # the same loops in one of the embedded node's task processes: over the same-host lane
+    # (the default), and over TCP + CURVE like a remote client's (a Manager(lane=False))
+    tasks: dict[str, tuple[Any, Any, Any]] = {
+        "fabric, from a task process (same-host lane)": (mgr.Executor(), mgr.dict(), mgr.Queue()),
+        "fabric, from a task process (TCP + CURVE)": (tcp.Executor(), tcp.dict(), tcp.Queue()),
+    }
+    sets: dict[str, list[float]] = {name: [] for name in [*here, *tasks]}
     gets: dict[str, list[float]] = {name: [] for name in sets}
     module = sys.modules[__name__]
     cloudpickle.register_pickle_by_value(module)  # task processes need not import bench/
@@ -171,9 +177,9 @@ def _dict_table(repeats: int, mgr: Manager, sync: mpm.SyncManager) -> list[Table
             for name, (d, q) in here.items():
                 sets[name].append(_sets(d))
                 gets[name].append(_puts_gets(q))
-            name, d, q = remote
-            sets[name].append(ex.submit(_sets, d).result(timeout=120))
-            gets[name].append(ex.submit(_puts_gets, q).result(timeout=120))
+            for name, (ex, d, q) in tasks.items():
+                sets[name].append(ex.submit(_sets, d).result(timeout=120))
+                gets[name].append(ex.submit(_puts_gets, q).result(timeout=120))
     finally:
         cloudpickle.unregister_pickle_by_value(module)
     for name in sets:
@@ -284,10 +290,11 @@ def run(repeats: int) -> list[Table]:
     sync.start()
     floor = _Floor()
     try:
-        with Manager(processes=WORKERS) as mgr:
-            # the node's task processes start in the background: wait for them to serve
-            list(mgr.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
-            tables = _dict_table(repeats, mgr, sync) + _task_tables(repeats, mgr, floor)
+        with Manager(processes=WORKERS) as mgr, Manager(processes=WORKERS, lane=False) as tcp:
+            # the nodes' task processes start in the background: wait for them to serve
+            for m in (mgr, tcp):
+                list(m.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
+            tables = _dict_table(repeats, mgr, sync, tcp) + _task_tables(repeats, mgr, floor)
     finally:
         floor.close()
         sync.shutdown()
@@ -296,7 +303,42 @@ def run(repeats: int) -> list[Table]:
     return [*tables, cold]
 
 
+def run_objects(repeats: int) -> list[Table]:
+    """Measure only the managed-object tables (dict and Queue), for quick iterations."""
+    sync = mpm.SyncManager(address=("127.0.0.1", 0))
+    sync.start()
+    try:
+        with Manager(processes=WORKERS) as mgr, Manager(processes=WORKERS, lane=False) as tcp:
+            for m in (mgr, tcp):
+                list(m.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
+            return _dict_table(repeats, mgr, sync, tcp)
+    finally:
+        sync.shutdown()
+
+
+def run_tasks(repeats: int) -> list[Table]:
+    """Measure only fabric's task tables against the raw floor (no peers), for quick iterations."""
+    floor = _Floor()
+    try:
+        with Manager(processes=WORKERS) as mgr:
+            list(mgr.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
+            return _task_tables(repeats, mgr, floor)
+    finally:
+        floor.close()
+
+
 if __name__ == "__main__":
+    # python -m bench.bench_remote [--objects | --tasks] [--repeats N]: --objects measures only
+    # the managed dict and Queue rows, --tasks only fabric's task rows and the raw floor (the
+    # task peers take minutes)
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the remote family, or only some of its rows")
+    parser.add_argument("--objects", action="store_true", help="only the managed-object tables")
+    parser.add_argument("--tasks", action="store_true", help="only the task tables, no peers")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", os.getcwd())
-    for table in run(3):
+    only = run_objects if args.objects else run_tasks if args.tasks else run
+    for table in only(args.repeats):
         print(table.markdown())

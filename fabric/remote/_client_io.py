@@ -6,8 +6,9 @@ per call). One thread at a time, the *receiver* (``_receiver``), sleeps on the
 socket's readiness fd (``zmq.FD``, which can be watched without touching the
 socket), drains the socket and resolves what came back. A thread waiting for
 its reply takes that role itself if it is free (see ``Connection``); the I/O
-thread takes it when something else is awaited (task results, host jobs,
-calls of threads that are not receiving, a WELCOME) and otherwise sleeps on
+thread takes it when something else is awaited (task results, and for
+``TASK_LINGER_S`` after the last submit, host jobs, calls of threads that are
+not receiving, a WELCOME) and otherwise sleeps on
 its wake-up pipe and timers only, draining the socket at each timer tick.
 ``zmq.FD`` is edge-triggered and any socket call may consume its edge, so
 whoever used the socket checks ``zmq.EVENTS`` before letting go and, if input
@@ -40,6 +41,9 @@ from fabric.remote._link import Link, LinkRefused, Runtime
 log = logging.getLogger(__name__)
 
 RETRY_S = 0.05  # how often a thread waiting on the socket or a latch looks again
+# the I/O thread keeps watching this long after the last task: a caller that submits
+# one task after another's result does not wake it each time
+TASK_LINGER_S = 0.1
 
 
 class ClientIO(ABC):
@@ -92,6 +96,7 @@ class ClientIO(ABC):
             os.set_blocking(fd, False)  # a full pipe already says "look"
         self._receiver = threading.Lock()  # held by the one thread watching the socket
         self._watching = False  # the I/O thread is the receiver (guarded by _lock)
+        self._tasks_at = 0.0  # when the last task was submitted (guarded by _lock)
         self._handoff: list[Callable[[], None]] = []  # callbacks a receiving caller got
         self._refused: LinkRefused | None = None
         self._closing = False
@@ -242,7 +247,12 @@ class ClientIO(ABC):
             self._turn(min(self._link.next_tick(now), due - now))
 
     def _turn(self, timeout: float) -> None:
-        """Sleep until input, a wake-up or ``timeout``; then do all the socket work due."""
+        """Sleep until input, a wake-up or ``timeout``; then do all the socket work due.
+
+        What arrived is received and its callbacks run first, the housekeeping
+        (queued sends, heartbeats, the lost-broker clock, held-back tasks) after:
+        a result waits for nothing that is not its own.
+        """
         watching = self._watch()
         callbacks: list[Callable[[], None]] = []
         try:
@@ -262,13 +272,6 @@ class ClientIO(ABC):
                     os.read(pipe, 4096)
             if self._refused is not None:
                 raise self._refused
-            with self._sock_lock:
-                self._flush()
-                now = time.monotonic()
-                self._link.tick(now)
-                self._check_lost(now)
-                self._resend_busy(now)
-                self._flush()
             # not watching: drain at each turn anyway (heartbeats), unless a caller receives
             if watching or self._receiver.acquire(blocking=False):
                 try:
@@ -283,13 +286,25 @@ class ClientIO(ABC):
             callbacks, self._handoff = self._handoff + callbacks, []
         for callback in callbacks:
             callback()
+        with self._sock_lock:
+            self._flush()
+            now = time.monotonic()
+            self._link.tick(now)
+            self._check_lost(now)
+            self._resend_busy(now)
+            self._flush()
 
     def _watch(self) -> bool:
         """Take the receiver role if something must be watched for; return whether taken."""
         receiver = self._receiver.acquire(blocking=False)
         with self._lock:  # decided and published at once: submit() reads it under _lock
             self._watching = receiver and bool(
-                self._tasks or self._calls or self._hosting or self._closing or not self._link.ready
+                self._tasks
+                or self._calls
+                or self._hosting
+                or self._closing
+                or not self._link.ready
+                or time.monotonic() - self._tasks_at < TASK_LINGER_S
             )
             watch = self._watching
         if receiver and not watch:

@@ -94,10 +94,16 @@ class Connection(ClientIO):
         pending = self._post_call(
             Call(host=host, call=seq, object=obj_id, method=method, payload=(payload,))
         )
-        if wait is not None and wait > 0:  # 0: the host answers at once, parked or not
+        return self._await_call(pending, wait)
+
+    def _await_call(self, pending: PendingCall, wait: float | None) -> bytes:
+        """Wait for a posted CALL's reply, nudging the host past ``wait`` (see ``call``)."""
+        if wait is not None and wait > 0 and not pending.done.is_set():
+            # (0: the host answers at once, parked or not.)
             # Let the host's clock pass our deadline even where nothing else drives it.
             # The host timed the call from when it got it, a little after we sent it,
             # so keep nudging (less and less often) until the reply comes.
+            host, obj_id = pending.message.host, cast(Call, pending.message).object
             pause = wait
             while not pending.done.wait(pause):
                 self._post_call(Call(host=host, call=next(self._seq), object=obj_id, method=TICK))
@@ -139,6 +145,7 @@ class Connection(ClientIO):
         with self._lock:
             self._check_open()
             self._tasks.add(message, on_result)
+            self._tasks_at = time.monotonic()
             watching = self._watching
         self._send_or_queue(message)
         if not watching:

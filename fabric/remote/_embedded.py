@@ -8,7 +8,9 @@ down to its task processes), so nothing outlives the Manager.
 
 CURVE is on even here: without a key directory the cluster makes throw-away
 keys in memory and hands them to the node through its environment, never over
-the network.
+the network. The same way it hands the node (and so its task processes) the
+same-host lane (``_lane``): their object calls then cross shared memory to a
+thread of this process instead of TCP and CURVE.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 from fabric.remote._keys import CURVE_ENV, Curve, encode_curve, load_curve
+from fabric.remote._lane import LANE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +31,12 @@ log = logging.getLogger(__name__)
 class EmbeddedCluster:
     """A loopback broker + built-in host + one local worker node."""
 
-    def __init__(self, *, processes: int | None = None, keys: str | Path | None = None) -> None:
+    def __init__(
+        self, *, processes: int | None = None, keys: str | Path | None = None, lane: bool = True
+    ) -> None:
         from fabric.broker.keys import Keyring
         from fabric.broker.server import Broker
+        from fabric.remote._lane_server import LaneServer
         from fabric.remote._service import BuiltinHostService
 
         keyring: Keyring | str | Path
@@ -40,6 +46,7 @@ class EmbeddedCluster:
         else:
             keyring, self.curve = keys, load_curve(keys, "client")
         self._keys = keys
+        self.lane = LaneServer() if lane else None
         # The node starts first and learns the address on its stdin once the broker is
         # bound: its interpreter and task processes start while the broker does.
         self._node: subprocess.Popen[bytes] | None = self._start_node(
@@ -51,12 +58,16 @@ class EmbeddedCluster:
             )
             self.broker.start()
             self.address: str = self.broker.address
+            if self.lane is not None:
+                self.lane.serve(self.broker, self.address)
             assert self._node.stdin is not None
             self._node.stdin.write(f"{self.address}\n".encode())
             self._node.stdin.close()
         except BaseException:
             self._node.kill()
             self._node.wait()
+            if self.lane is not None:
+                self.lane.close()
             raise
 
     def _start_node(self, processes: int) -> subprocess.Popen[bytes]:
@@ -78,6 +89,9 @@ class EmbeddedCluster:
             command += ["--keys", str(self._keys)]
         elif self.curve is not None:
             env[CURVE_ENV] = encode_curve(self.curve)
+        env.pop(LANE_ENV, None)  # a lane this process was handed is not its node's
+        if self.lane is not None:
+            env[LANE_ENV] = self.lane.env()
         return subprocess.Popen(command, stdin=subprocess.PIPE, env=env)
 
     def close(self, grace: float = 5.0) -> None:
@@ -93,4 +107,6 @@ class EmbeddedCluster:
                 except subprocess.TimeoutExpired:
                     log.warning("embedded worker node %d did not stop on %s", node.pid, sig.name)
             node.wait()
+        if self.lane is not None:  # after the node: its draining tasks may still call objects
+            self.lane.close()
         self.broker.close()

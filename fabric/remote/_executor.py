@@ -22,13 +22,9 @@ from fabric.errors import BrokerUnavailable, FabricError, WorkerLostError
 from fabric.remote._connection import Connection
 from fabric.remote._errors import with_remote_traceback
 from fabric.remote._progress import Progress, check, track
-from fabric.remote._runner import Task, decode_outcome, encode_task
+from fabric.remote._runner import decode_outcome, encode_function, encode_task
 
 T = TypeVar("T")
-
-
-def _run_chunk(fn: Callable[..., T], chunk: tuple[tuple[Any, ...], ...]) -> list[T]:
-    return [fn(*args) for args in chunk]
 
 
 def _in_order(futures: list[cf.Future[list[T]]], limit: float | None) -> Iterator[list[T]]:
@@ -70,8 +66,7 @@ class Executor(cf.Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
         """Schedule ``fn(*args, **kwargs)`` on a worker node; return its Future."""
-        payload = encode_task(Task(fn, args, kwargs, self._forward))
-        return self._submit_payload(payload)
+        return self._submit_payload(encode_task(encode_function(fn), args, kwargs, self._forward))
 
     def _submit_payload(self, payload: bytes) -> cf.Future[Any]:
         future: cf.Future[Any] = cf.Future()
@@ -107,7 +102,10 @@ class Executor(cf.Executor):
         check(progress)
         limit = None if timeout is None else time.monotonic() + timeout
         chunks = list(_batched(zip(*iterables, strict=False), chunksize))
-        futures: list[cf.Future[list[T]]] = [self.submit(_run_chunk, fn, c) for c in chunks]
+        blob, forward = encode_function(fn), self._forward  # the function is pickled once
+        futures: list[cf.Future[list[T]]] = [
+            self._submit_payload(encode_task(blob, c, None, forward, many=True)) for c in chunks
+        ]
         track(futures, [len(c) for c in chunks], progress, "map")
         return itertools.chain.from_iterable(_in_order(futures, limit))
 

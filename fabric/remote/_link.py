@@ -22,6 +22,7 @@ import socket as _socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import cloudpickle
 import zmq
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 _HELLO_TIMEOUT_S = 2.0
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.1, 5.0
+_ZERO_COPY = 64 * 1024  # below this, copying a frame is cheaper than tracking a zero-copy one
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,10 @@ class Link:
 
     def _send(self, message: Message) -> bool:
         assert self.socket is not None
+        frames = encode(message)
+        copy = all(len(frame) < _ZERO_COPY for frame in frames)
         try:
-            self.socket.send_multipart(encode(message), zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart(frames, _NOBLOCK, copy=copy)
         except zmq.Again:
             return False
         self._last_sent = time.monotonic()
@@ -120,9 +125,10 @@ class Link:
     def receive(self) -> list[Message]:
         """Drain the socket; return the messages for the owner (session traffic is handled)."""
         out: list[Message] = []
-        while self.socket is not None:
+        # asking EVENTS first is cheaper than the zmq.Again that ends every drain
+        while self.socket is not None and cast(int, self.socket.get(_EVENTS)) & _POLLIN:
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.socket.recv_multipart(_NOBLOCK, copy=True)
             except zmq.Again:
                 break
             self._last_heard = time.monotonic()

@@ -57,7 +57,10 @@ class Manager:
     cluster (broker, object host and a worker node with ``processes`` task
     processes) that ``shutdown()`` stops. ``keys`` is a key directory made by
     ``fabric keygen``. ``forward_output`` is the default for executors, pools
-    and processes made here.
+    and processes made here. ``lane`` (embedded cluster only): the task
+    processes of the embedded worker node call shared objects over shared
+    memory to a thread of this process instead of TCP (see the docs' "same-host
+    lane"); False sends their calls over TCP like any remote client's.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class Manager:
         forward_output: bool = False,
         name: str | None = None,
         timeout: float = 10.0,
+        lane: bool = True,
     ) -> None:
         self._address = address
         self._keys = keys
@@ -76,6 +80,7 @@ class Manager:
         self.forward_output = forward_output
         self._name = name or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._timeout = timeout
+        self._lane = lane
         self._cluster: EmbeddedCluster | None = None
         self._conn: Connection | None = None
         self._host: ObjectHost | None = None
@@ -94,7 +99,9 @@ class Manager:
             if self._conn is not None:
                 return self
             if self._address is None:
-                self._cluster = EmbeddedCluster(processes=self._processes, keys=self._keys)
+                self._cluster = EmbeddedCluster(
+                    processes=self._processes, keys=self._keys, lane=self._lane
+                )
                 self._address = self._cluster.address
             try:
                 self._conn = self._open(role="client", name="")

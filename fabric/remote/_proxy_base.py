@@ -2,7 +2,8 @@
 
 A proxy is ``(ObjRef, broker address)``. It pickles as exactly that, so a proxy
 sent to a task on another node reconnects there, through that process's
-connection to the same broker (see ``_connections``).
+connection to the same broker (see ``_connections``), or through the same-host
+lane if the process was handed one for that broker (see ``_lane``).
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ def decode_reply(payload: bytes) -> Any:
 
 
 def _rebuild(cls: type[BaseProxy], ref: ObjRef, address: str) -> BaseProxy:
-    from fabric.remote._connections import connection_for
+    from fabric.remote._lane_client import transport_for
 
-    return cls(ref, connection_for(address))
+    return cls(ref, transport_for(address))
 
 
 class BaseProxy:

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from fabric.remote._pipes import read_frame, write_frame
-from fabric.remote._runner import run_task
+from fabric.remote._runner import TaskRunner
 
 _PR_SET_PDEATHSIG = 1
 
@@ -35,8 +35,9 @@ def main(argv: list[str]) -> int:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    runner = TaskRunner()
     while (payload := read_frame(task_fd)) is not None:
-        ok, result = run_task(payload)
+        ok, result = runner.run(payload)
         write_frame(result_fd, (b"\1" if ok else b"\0") + result)
     return 0
 
