@@ -44,6 +44,9 @@ RETRY_S = 0.05  # how often a thread waiting on the socket or a latch looks agai
 # the I/O thread keeps watching this long after the last task: a caller that submits
 # one task after another's result does not wake it each time
 TASK_LINGER_S = 0.1
+# chores (heartbeats, held-back tasks, DONE batches) are looked at this often at most
+# while nothing is queued to send: far finer than any of their own clocks
+CHORES_S = 0.005
 
 
 class ClientIO(ABC):
@@ -97,6 +100,8 @@ class ClientIO(ABC):
         self._receiver = threading.Lock()  # held by the one thread watching the socket
         self._watching = False  # the I/O thread is the receiver (guarded by _lock)
         self._tasks_at = 0.0  # when the last task was submitted (guarded by _lock)
+        self._chores_at = 0.0  # the chores are due again (I/O thread only)
+        self._poller, self._polled = select.poll(), ()  # the I/O thread's, and what it watches
         self._handoff: list[Callable[[], None]] = []  # callbacks a receiving caller got
         self._refused: LinkRefused | None = None
         self._closing = False
@@ -249,9 +254,10 @@ class ClientIO(ABC):
     def _turn(self, timeout: float) -> None:
         """Sleep until input, a wake-up or ``timeout``; then do all the socket work due.
 
-        What arrived is received and its callbacks run first, the housekeeping
-        (queued sends, heartbeats, the lost-broker clock, held-back tasks) after:
-        a result waits for nothing that is not its own.
+        What arrived is received and its callbacks run first, the chores (queued
+        sends, heartbeats, the lost-broker clock, held-back tasks) after, and
+        at most every ``CHORES_S`` while nothing is queued: a result waits for
+        nothing that is not its own, and a busy I/O thread spends little on them.
         """
         watching = self._watch()
         callbacks: list[Callable[[], None]] = []
@@ -260,12 +266,7 @@ class ClientIO(ABC):
                 sock = self._link.socket
                 fd = cast(int, sock.getsockopt(zmq.FD)) if watching and sock else None
                 ready = watching and self._input_pending()
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            if watching:
-                poller.register(self._input_r, select.POLLIN)
-            if fd is not None:
-                poller.register(fd, select.POLLIN)
+            poller = self._poller_for((self._input_r,) if watching else (), fd)
             events = dict(poller.poll(0 if ready else max(0, int(timeout * 1000)) + 1))
             for pipe in (self._wake_r, self._input_r):
                 if pipe in events:
@@ -286,13 +287,24 @@ class ClientIO(ABC):
             callbacks, self._handoff = self._handoff + callbacks, []
         for callback in callbacks:
             callback()
-        with self._sock_lock:
-            self._flush()
-            now = time.monotonic()
-            self._link.tick(now)
-            self._check_lost(now)
-            self._resend_busy(now)
-            self._flush()
+        now = time.monotonic()
+        if now >= self._chores_at or self._outbox or not self._link.ready:
+            self._chores_at = now + CHORES_S
+            with self._sock_lock:
+                self._flush()
+                self._link.tick(now)
+                self._check_lost(now)
+                self._resend_busy(now)
+                self._flush()
+
+    def _poller_for(self, pipes: tuple[int, ...], fd: int | None) -> select.poll:
+        """Return a poller of the wake-up pipe, ``pipes`` and ``fd`` (kept while those stay)."""
+        fds = (self._wake_r, *pipes, *(() if fd is None else (fd,)))
+        if fds != self._polled:
+            self._poller, self._polled = select.poll(), fds
+            for each in fds:
+                self._poller.register(each, select.POLLIN)
+        return self._poller
 
     def _watch(self) -> bool:
         """Take the receiver role if something must be watched for; return whether taken."""

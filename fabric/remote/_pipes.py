@@ -8,11 +8,18 @@ import struct
 _HEADER = struct.Struct("!Q")
 
 
-def write_frame(fd: int, data: bytes) -> None:
-    """Write one frame (blocking until all of it is in the pipe)."""
-    view = memoryview(_HEADER.pack(len(data)) + data)
-    while view:
-        view = view[os.write(fd, view) :]
+def write_frame(fd: int, *parts: bytes) -> None:
+    """Write one frame made of ``parts`` (blocking until all of it is in the pipe).
+
+    One ``writev`` call in the common case: header and parts are not joined first.
+    """
+    buffers = [_HEADER.pack(sum(len(part) for part in parts)), *parts]
+    written = os.writev(fd, buffers)
+    total = sum(len(buffer) for buffer in buffers)
+    if written < total:  # a frame bigger than the pipe's buffer: write the rest in pieces
+        view = memoryview(b"".join(buffers))[written:]
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def read_frame(fd: int) -> bytes | None:

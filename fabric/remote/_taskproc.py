@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     runner = TaskRunner()
     while (payload := read_frame(task_fd)) is not None:
         ok, result = runner.run(payload)
-        write_frame(result_fd, (b"\1" if ok else b"\0") + result)
+        write_frame(result_fd, b"\1" if ok else b"\0", result)
     return 0
 
 

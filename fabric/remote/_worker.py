@@ -205,7 +205,7 @@ class WorkerNode:
             return
         slot.task, slot.cancelled = (message.task, message.attempt), False
         with contextlib.suppress(OSError):  # a dead process: _collect reports its EOF
-            write_frame(slot.tasks, b"".join(bytes(frame) for frame in message.payload))
+            write_frame(slot.tasks, *(bytes(frame) for frame in message.payload))
 
     def _collect(self, slot: _Slot) -> None:
         frame = read_frame(slot.results)
