@@ -276,6 +276,8 @@ def encode_many(messages: Sequence[Message]) -> list[list[Buffer]]:
     ``MAX_CONTROL_BYTES``). Payloads of up to ``INLINE_BYTES`` in all travel
     inside the batch's control frame, bigger ones as frames of their own.
     """
+    if len(messages) == 1:  # the common case when idle: no entry to pack
+        return [encode(messages[0])]
     out: list[list[Buffer]] = []
     chunk: list[tuple[Message, bytes, Payload]] = []
     size = 0
