@@ -19,6 +19,7 @@ task at a time.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import socket
@@ -113,23 +114,26 @@ def _fabric_worker(address: str, keydir: str | None) -> None:
             PeerKeys.load(keydir, "worker").configure(sock)
         sock.connect(address)
         sock.send_multipart(p.encode(p.Hello("worker", "w", os.urandom(16), PY, CP, WORKER_WINDOW)))
+        sock.rcvtimeo = 500  # blocking receives, as the floor's workers; a heartbeat when idle
         while True:
-            if not sock.poll(500):
+            try:
+                received = [sock.recv_multipart()]
+            except zmq.Again:
                 sock.send_multipart(p.encode(p.Heartbeat()))
                 continue
+            with contextlib.suppress(zmq.Again):  # and whatever else is already waiting
+                while True:
+                    received.append(sock.recv_multipart(zmq.NOBLOCK))
             results: list[p.Message] = []
-            for message in p.decode_many(sock.recv_multipart()):  # a DISPATCH or a BATCH of them
-                if isinstance(message, p.Dispatch):
-                    results.append(
-                        p.Result(
-                            message.task, message.attempt, "ok", credit=1, payload=message.payload
-                        )
-                    )
-                elif isinstance(message, p.Refuse):
-                    return
-            if results:  # what one receive brought is answered at once, as one message
-                for frames in p.encode_many(results):
-                    sock.send_multipart(frames)
+            for frames in received:
+                for message in p.decode_many(frames):  # a DISPATCH or a BATCH of them
+                    if isinstance(message, p.Dispatch):
+                        task, attempt, payload = message.task, message.attempt, message.payload
+                        results.append(p.Result(task, attempt, "ok", credit=1, payload=payload))
+                    elif isinstance(message, p.Refuse):
+                        return
+            for frames in p.encode_many(results):  # answered at once, as one message
+                sock.send_multipart(frames)
 
 
 class _FabricClient:
