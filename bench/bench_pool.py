@@ -6,8 +6,14 @@ the shared machine hits every candidate alike instead of whichever ran during
 it:
 
 * per-task throughput on 20k no-op tasks, each task sent on its own
-  (``submit``/``apply_async``, or ``imap_unordered`` with ``chunksize=1``);
-* ``map`` throughput on 20k no-op tasks with each library's automatic chunks;
+  (``submit``/``apply_async``, or ``imap_unordered`` with ``chunksize=1``),
+  one timed run after a warm-up over a tenth of them;
+* ``map`` throughput on 20k no-op tasks with each library's automatic chunks.
+  Such a map takes a few ms, so each round warms the fresh pool up with one
+  full-size map (the first one pays every process's heap growth and the
+  copy-on-write of the input's pages shared with the just-forked workers: page
+  faults worth several ms on a VM, alike for every library) and then takes the
+  median of five timed maps, so one burst of load elsewhere cannot decide a round;
 * efficiency on 200 tasks of ~10 ms of pure-Python work, two ways: wall-clock
   (the same work split evenly over bare forked processes, no IPC, timed just
   before, over the pool's wall time) and CPU (those bare processes' CPU time
@@ -26,6 +32,7 @@ import importlib.util
 import multiprocessing
 import os
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,6 +42,7 @@ from fabric.local import Executor, Pool
 from fabric.local.pool import default_processes
 
 N_NOOP = 20_000
+MAP_RUNS = 5  # timed maps per pool and round (one takes a few ms)
 N_CPU = 200
 CPU_TASK_S = 0.010
 
@@ -184,23 +192,37 @@ def _interleaved(measures: dict[str, Callable[[], Any]], repeats: int) -> dict[s
 
 
 def _rate(
-    maker: Callable[[int], Any], runner: Callable[..., None], items: list[Any], workers: int
+    maker: Callable[[int], Any],
+    runner: Callable[..., None],
+    items: list[Any],
+    workers: int,
+    warm_up: int,
+    runs: int,
 ) -> float:
-    """Return tasks/s of one run of ``runner`` over no-op tasks, on a fresh, warmed-up pool."""
+    """Return tasks/s of ``runner`` over no-op tasks on a fresh pool.
+
+    The pool first runs ``warm_up`` of the items (its workers started), then
+    the median time of ``runs`` timed runs over all of them counts.
+    """
     pool = maker(workers)
     try:
-        runner(pool, noop, items[: max(1, len(items) // 10)])  # warm up: workers started
-        start = time.perf_counter()
-        runner(pool, noop, items)
-        return len(items) / (time.perf_counter() - start)
+        runner(pool, noop, items[:warm_up])
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            runner(pool, noop, items)
+            times.append(time.perf_counter() - start)
+        return len(items) / statistics.median(times)
     finally:
         _shut(pool)
 
 
-def _throughput_table(table: Table, candidates: dict[str, Any], workers: int, repeats: int) -> None:
+def _throughput_table(
+    table: Table, candidates: dict[str, Any], workers: int, repeats: int, warm_up: int, runs: int
+) -> None:
     items = list(range(N_NOOP))
     measures = {
-        name: functools.partial(_rate, maker, runner, items, workers)
+        name: functools.partial(_rate, maker, runner, items, workers, warm_up, runs)
         for name, (maker, runner) in candidates.items()
         if _available(name)
     }
@@ -237,15 +259,16 @@ def run(repeats: int) -> list[Table]:
         baseline="mp.Pool.imap_unordered chunksize=1",
         note=note,
     )
-    _throughput_table(per_task, PER_TASK, workers, repeats)
+    _throughput_table(per_task, PER_TASK, workers, repeats, warm_up=N_NOOP // 10, runs=1)
 
     maps = Table(
         f"{N_NOOP // 1000}k no-op tasks, map with chunks",
         "tasks/s",
         baseline="mp.Pool.map (auto chunks)",
-        note=note,
+        note=note + f" Each round: a fresh pool, one full-size map to warm it up, then the "
+        f"median of {MAP_RUNS} timed maps.",
     )
-    _throughput_table(maps, MAPS, workers, repeats)
+    _throughput_table(maps, MAPS, workers, repeats, warm_up=N_NOOP, runs=MAP_RUNS)
 
     wall = Table(
         f"{N_CPU} tasks of ~{CPU_TASK_S * 1e3:.0f} ms CPU each: wall-clock efficiency",

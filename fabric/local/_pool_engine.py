@@ -61,6 +61,11 @@ _RUNNING, _CLOSING, _TERMINATING = "running", "closing", "terminating"
 _FORKED = "forked"  # seen from a child forked off the pool's process
 
 
+def _big(task: Task) -> bool:
+    """Return whether pickling the task's arguments costs more than a frame of its own."""
+    return task.kind != wire.CALL and len(task.args) > wire.INLINE_LIST_MAX
+
+
 class Engine(Crew):
     """Run tasks on ``processes`` worker processes; survive their deaths."""
 
@@ -297,11 +302,19 @@ class Engine(Crew):
             if not self._pending:
                 break
             active = [k for k in active if rooms[k] > 0]
+        # An idle worker gets a first big chunk on its own, written at once: it
+        # starts on it while the loop pickles the rest of a map, instead of every
+        # worker waiting for all of them (small tasks are not worth a frame each).
+        for worker, batch in zip(live, batches, strict=True):
+            if len(batch) > 1 and not worker.inflight and _big(batch[0]):
+                self._pack(worker, batch[:1])
+                self._flush(worker)
+                del batch[:1]
         for worker, batch in zip(live, batches, strict=True):
             if batch:
                 self._pack(worker, batch)
-        # Written only once every batch is pickled, so the workers start together:
-        # a worker woken early would take the CPU the loop needs to feed the next.
+        # The rest is written once every batch is pickled, so busy workers start
+        # together: a worker woken early would take the CPU the loop needs to feed the next.
         for worker, batch in zip(live, batches, strict=True):
             if batch:
                 self._flush(worker)

@@ -221,9 +221,10 @@ class Pool:
         progress: Progress,
     ) -> MapResult[R]:
         self._check_running()
-        items = list(iterable)
         if star:
-            items = [tuple(args) for args in items]
+            items = [tuple(args) for args in iterable]
+        else:  # a list is not copied: MapResult slices it into chunks before returning
+            items = iterable if type(iterable) is list else list(iterable)
         bounds = chunk_bounds(len(items), self._processes, _check_chunksize(chunksize))
         bar = progress_bar(progress, len(items), getattr(func, "__name__", "map"))
         return MapResult(self._engine, func, items, bounds, star, callback, error_callback, bar)

@@ -133,6 +133,18 @@ def test_lambdas_and_closures_travel(pool: Pool) -> None:
     assert list(pool.imap_unordered(lambda x: -x, [5])) == [-5]
 
 
+def test_map_takes_its_input_when_called(pool: Pool, gate: h.Gate) -> None:
+    # A list is not copied but cut into chunks before map_async returns: changing
+    # it afterwards, while the workers are busy, changes nothing.
+    busy = [pool.apply_async(h.pass_gate, (gate.read_fd,)) for _ in range(2)]
+    items = list(range(1000))
+    result = pool.map_async(h.square, items)
+    items[:] = [-1] * 5
+    gate.open(2)
+    assert result.get(30) == [x * x for x in range(1000)]
+    assert [b.get(30) for b in busy] == ["passed", "passed"]
+
+
 def test_exception_carries_worker_traceback(pool: Pool) -> None:
     with pytest.raises(ValueError, match="boom") as info:
         pool.apply(h.fail, ("boom",))
