@@ -113,14 +113,19 @@ def _fabric_worker(address: str, keydir: str | None) -> None:
             if not sock.poll(500):
                 sock.send_multipart(p.encode(p.Heartbeat()))
                 continue
-            message = p.decode(sock.recv_multipart())
-            if isinstance(message, p.Dispatch):
-                result = p.Result(
-                    message.task, message.attempt, "ok", credit=1, payload=message.payload
-                )
-                sock.send_multipart(p.encode(result))
-            elif isinstance(message, p.Refuse):
-                return
+            results: list[p.Message] = []
+            for message in p.decode_many(sock.recv_multipart()):  # a DISPATCH or a BATCH of them
+                if isinstance(message, p.Dispatch):
+                    results.append(
+                        p.Result(
+                            message.task, message.attempt, "ok", credit=1, payload=message.payload
+                        )
+                    )
+                elif isinstance(message, p.Refuse):
+                    return
+            if results:  # what one receive brought is answered at once, as one message
+                for frames in p.encode_many(results):
+                    sock.send_multipart(frames)
 
 
 class _FabricClient:
@@ -132,9 +137,15 @@ class _FabricClient:
         self.sock.connect(address)
         self.sent = 0
         self.held: list[bytes] = []  # results to DONE, in batches as fabric's client does
+        self.pending: deque[p.Message] = deque()  # the rest of a BATCH being read
         self.sock.send_multipart(p.encode(p.Hello("client", "c", os.urandom(16), PY, CP)))
-        while not isinstance(p.decode(self.sock.recv_multipart()), p.Welcome):
+        while not isinstance(self._next(), p.Welcome):
             pass
+
+    def _next(self) -> p.Message:
+        if not self.pending:
+            self.pending += p.decode_many(self.sock.recv_multipart())
+        return self.pending.popleft()
 
     def submit(self, n: int) -> None:
         self.sent += 1  # task ids stay unique across runs: a DONE'd id is refused as a duplicate
@@ -142,7 +153,7 @@ class _FabricClient:
 
     def result(self) -> None:
         while True:
-            message = p.decode(self.sock.recv_multipart())
+            message = self._next()
             if isinstance(message, p.Result):
                 self.held.append(message.task)
                 if len(self.held) >= DONE_BATCH:

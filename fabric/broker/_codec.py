@@ -6,6 +6,20 @@ ROUTER routing id, which the server strips and adds)::
     frame 0   b"FB" | version u8 | type u8 | msgpack map of the control fields
     frame 1.. opaque payload frames (cloudpickle bytes made and read only at the edges)
 
+Several messages for the same peer may travel as one BATCH (since version 3)::
+
+    frame 0   b"FB" | version u8 | 0x06 | msgpack array of [type, control map, payload]
+    frame 1.. the payload frames of the entries whose payload is a frame count
+
+An entry's payload is either a msgpack array of bin (small payloads travel
+inside the control frame: one frame, one CURVE box and one send for the
+batch) or the number of payload frames of its own that follow, in entry
+order (big payloads are never copied into the control frame).
+
+A sender batches only what is already waiting to go (never waits to fill a
+batch); a receiver takes the entries in order, exactly as if each had come
+alone. ``encode_many`` and ``decode_many`` speak both forms.
+
 The 4-byte fixed header carries the protocol version and the message type in
 every message, so a peer of another version is recognised from any message,
 not only from HELLO. The control map is decoded with strict limits and
@@ -49,13 +63,16 @@ from fabric.broker._messages import (
 from fabric.errors import ProtocolError, VersionMismatchError
 
 MAGIC = b"FB"
-VERSION = 2
+VERSION = 3
+BATCH = 0x06  # the type byte of a BATCH (not a message of its own: see decode_many)
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_PAYLOAD_FRAMES = 256
 MAX_ID_BYTES = 96
 MAX_TASK_ID_BYTES = 64  # a client task id; the broker prefixes it with the 16-byte session
 MAX_STR_CHARS = 4096
 MAX_ITEMS = 4096
+MAX_BATCH = 256  # entries per BATCH
+INLINE_BYTES = 1024  # a batch entry's payload up to this size travels in the control frame
 
 # --- per-field checkers, picked by each field's type hint -----------------------------
 
@@ -186,6 +203,7 @@ class _Codec:
     has_payload: bool
     decode: _Decoder
     encode: _Encoder
+    fields: Callable[[Any], dict[str, Any]]
 
 
 def _codec(cls: type[Message]) -> _Codec:
@@ -232,8 +250,9 @@ def _codec(cls: type[Message]) -> _Codec:
     control = "packb({" + ", ".join(keys) + "}, use_bin_type=True)"
     tail = ", *m.payload" if has_payload else ""
     lines += ["def encode(m):", f"    return [header + {control}{tail}]"]
+    lines += ["def fields(m):", "    return {" + ", ".join(keys) + "}"]
     exec("\n".join(lines), env)  # the source is built above from our own dataclasses
-    return _Codec(cls, header, has_payload, env["decode"], env["encode"])
+    return _Codec(cls, header, has_payload, env["decode"], env["encode"], env["fields"])
 
 
 _BY_TYPE: dict[int, _Codec] = {cls.TYPE: _codec(cls) for cls in MESSAGES}
@@ -245,6 +264,105 @@ def encode(message: Message) -> list[Buffer]:
     return _BY_CLASS[type(message)].encode(message)
 
 
+_BATCH_HEADER = MAGIC + bytes((VERSION, BATCH))
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode_many(messages: Sequence[Message]) -> list[list[Buffer]]:
+    """Turn messages for one peer into as few ZeroMQ messages as the limits allow.
+
+    Return the frames of each ZeroMQ message, in order: a message alone, or a
+    BATCH of several (at most ``MAX_BATCH``, control frame within
+    ``MAX_CONTROL_BYTES``). Payloads of up to ``INLINE_BYTES`` in all travel
+    inside the batch's control frame, bigger ones as frames of their own.
+    """
+    out: list[list[Buffer]] = []
+    chunk: list[tuple[Message, bytes, Payload]] = []
+    size = 0
+    for message in messages:
+        entry = _entry(message)
+        if chunk and (len(chunk) == MAX_BATCH or size + len(entry[1]) > MAX_CONTROL_BYTES - 3):
+            out.append(_batch(chunk))
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += len(entry[1])
+    if chunk:
+        out.append(_batch(chunk))
+    return out
+
+
+def _entry(message: Message) -> tuple[Message, bytes, Payload]:
+    codec = _BY_CLASS[type(message)]
+    payload: Payload = message.payload if codec.has_payload else ()  # type: ignore[attr-defined]
+    if sum(map(len, payload)) <= INLINE_BYTES:
+        return message, _pack([codec.cls.TYPE, codec.fields(message), payload]), ()
+    return message, _pack([codec.cls.TYPE, codec.fields(message), len(payload)]), payload
+
+
+def _batch(chunk: list[tuple[Message, bytes, Payload]]) -> list[Buffer]:
+    if len(chunk) == 1:  # alone: the plain form
+        return encode(chunk[0][0])
+    count = len(chunk)
+    array = bytes((0x90 | count,)) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
+    frames: list[Buffer] = [_BATCH_HEADER + array + b"".join(packed for _, packed, _ in chunk)]
+    for _, _, payload in chunk:
+        frames += payload
+    return frames
+
+
+def decode_many(frames: Sequence[Buffer]) -> list[Message]:
+    """Turn the frames of one ZeroMQ message into its messages: one, or a BATCH's entries.
+
+    Raise as :func:`decode` does; a malformed BATCH is refused whole.
+    """
+    if len(frames) == 0 or len(frames[0]) < 4 or memoryview(frames[0])[3] != BATCH:
+        return [decode(frames)]
+    head = _header(frames[0])
+    entries = _unpack(head[4:], list)
+    if not 1 < len(entries) <= MAX_BATCH:
+        raise ProtocolError(f"a batch holds 2 to {MAX_BATCH} messages, not {len(entries)}")
+    out: list[Message] = []
+    at = 1
+    for entry in entries:
+        if type(entry) is not tuple or len(entry) != 3:
+            raise ProtocolError("a batch entry is not [type, control, frames]")
+        kind, control, payload = entry
+        codec = _BY_TYPE.get(kind) if type(kind) is int else None
+        if codec is None:
+            raise ProtocolError(f"unknown message type {kind!r:.20} in a batch")
+        if type(control) is not dict:
+            raise ProtocolError("a batch entry's control is not a msgpack map")
+        if type(payload) is int and 0 <= payload <= MAX_PAYLOAD_FRAMES:  # frames that follow
+            count = payload
+            payload = tuple(frames[at : at + count])
+            if len(payload) != count:
+                raise ProtocolError("a batch has fewer payload frames than its entries claim")
+            at += count
+        elif type(payload) is not tuple or len(payload) > MAX_PAYLOAD_FRAMES:
+            raise ProtocolError("a batch entry's payload is neither a frame count nor a list")
+        elif not all(type(item) is bytes for item in payload):
+            raise ProtocolError("a batch entry's inline payload holds other than bytes")
+        if payload and not codec.has_payload:
+            raise ProtocolError(f"{codec.cls.__name__} takes no payload frames")
+        out.append(codec.decode(control, payload))
+    if at != len(frames):
+        raise ProtocolError("a batch has more payload frames than its entries claim")
+    return out
+
+
+def _header(frame: Buffer) -> memoryview:
+    head = memoryview(frame)
+    if len(head) < 4 or head[:2] != MAGIC:
+        raise ProtocolError("not a fabric message (bad magic)")
+    if head[2] != VERSION:
+        raise VersionMismatchError(
+            f"peer speaks fabric protocol version {head[2]}, this side speaks {VERSION}"
+        )
+    if len(head) - 4 > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"control frame over {MAX_CONTROL_BYTES} bytes")
+    return head
+
+
 def decode(frames: Sequence[Buffer]) -> Message:
     """Turn the frames of one message into a typed message.
 
@@ -254,27 +372,19 @@ def decode(frames: Sequence[Buffer]) -> Message:
     """
     if not frames:
         raise ProtocolError("empty message")
-    head = memoryview(frames[0])
-    if len(head) < 4 or head[:2] != MAGIC:
-        raise ProtocolError("not a fabric message (bad magic)")
-    if head[2] != VERSION:
-        raise VersionMismatchError(
-            f"peer speaks fabric protocol version {head[2]}, this side speaks {VERSION}"
-        )
+    head = _header(frames[0])
     codec = _BY_TYPE.get(head[3])
     if codec is None:
         raise ProtocolError(f"unknown message type 0x{head[3]:02x}")
-    if len(head) - 4 > MAX_CONTROL_BYTES:
-        raise ProtocolError(f"control frame over {MAX_CONTROL_BYTES} bytes")
     payload = tuple(frames[1:])
     if payload and not codec.has_payload:
         raise ProtocolError(f"{codec.cls.__name__} takes no payload frames")
     if len(payload) > MAX_PAYLOAD_FRAMES:
         raise ProtocolError(f"more than {MAX_PAYLOAD_FRAMES} payload frames")
-    return codec.decode(_unpack(head[4:]), payload)
+    return codec.decode(_unpack(head[4:], dict), payload)
 
 
-def _unpack(data: memoryview) -> dict[str, Any]:
+def _unpack(data: memoryview, kind: type[dict[str, Any]] | type[list[Any]]) -> Any:
     try:
         control = msgpack.unpackb(
             data,
@@ -292,6 +402,8 @@ def _unpack(data: memoryview) -> dict[str, Any]:
     # unhashable keys and OutOfData for truncation.
     except (ValueError, TypeError, msgpack.OutOfData) as exc:
         raise ProtocolError(f"control frame is not valid msgpack: {exc}") from None
-    if type(control) is not dict:
+    if kind is dict and type(control) is not dict:
         raise ProtocolError("control frame is not a msgpack map")
+    if kind is list and type(control) is not tuple:
+        raise ProtocolError("a batch's control frame is not a msgpack array")
     return control

@@ -10,13 +10,18 @@ outside ``__all__``.
 from __future__ import annotations
 
 from fabric.broker._codec import (
+    BATCH,
+    INLINE_BYTES,
     MAGIC,
+    MAX_BATCH,
     MAX_CONTROL_BYTES,
     MAX_PAYLOAD_FRAMES,
     MAX_TASK_ID_BYTES,
     VERSION,
     decode,
+    decode_many,
     encode,
+    encode_many,
 )
 from fabric.broker._codec import MAX_ID_BYTES as MAX_ID_BYTES
 from fabric.broker._messages import (
@@ -50,7 +55,10 @@ from fabric.broker._messages import SESSION_BYTES as SESSION_BYTES
 from fabric.broker._messages import Payload as Payload
 
 __all__ = [
+    "BATCH",
+    "INLINE_BYTES",
     "MAGIC",
+    "MAX_BATCH",
     "MAX_CONTROL_BYTES",
     "MAX_PAYLOAD_FRAMES",
     "MAX_TASK_ID_BYTES",
@@ -81,5 +89,7 @@ __all__ = [
     "Submit",
     "Welcome",
     "decode",
+    "decode_many",
     "encode",
+    "encode_many",
 ]

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -44,7 +44,6 @@ _BATCH = 1000
 _PEERS_ACTIVE_S, _SHARE_EVERY_S, _NAP_S = 0.02, 0.0005, 1e-6
 # plain ints: pyzmq's IntFlag arithmetic costs more than the send itself on small messages
 _NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _MORE = int(zmq.SNDMORE) | _NOBLOCK
 _ZERO_COPY = 64 * 1024  # below this, copying a frame is cheaper than tracking a zero-copy one
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -408,10 +407,13 @@ class Broker:
     def _drain(self, router: zmq.Socket[bytes], zap: ZapHandler | None, now: float) -> None:
         receive, recv = self._sessions.receive, router.recv
         for _ in range(_BATCH):
-            if not cast(int, router.getsockopt(_EVENTS)) & _POLLIN:  # cheaper than zmq.Again
+            # one zmq.Again per drain costs less than a getsockopt(EVENTS) per message
+            # (pyzmq looks the option up in an enum each time)
+            try:
+                head = recv(_NOBLOCK, copy=False)
+            except zmq.Again:
                 return
             # frame by frame: a Frame's ``more`` is free, recv_multipart's RCVMORE lookups are not
-            head = recv(_NOBLOCK, copy=False)
             frames = []
             frame = head
             while frame.more:
@@ -431,23 +433,38 @@ class Broker:
             self._send(router, route, message)
         sessions.direct.clear()
         by_id = sessions.by_id
+        # what this iteration made for one peer leaves as one BATCH: coalescing only
+        # what is already waiting never delays a message
+        waiting: dict[bytes, list[p.Message]] = {}
         for session_id, message in sessions.outbox:
+            group = waiting.get(session_id)
+            if group is None:
+                waiting[session_id] = [message]
+            else:
+                group.append(message)
+        sessions.outbox.clear()
+        for session_id, messages in waiting.items():
             session = by_id.get(session_id)
             if session is None:
                 continue  # absent: the scheduler keeps what it must re-send
-            self._send(router, session.route, message)
+            for frames in p.encode_many(messages):
+                self._send_frames(router, session.route, frames, len(messages))
             session.last_sent = now
-        sessions.outbox.clear()
 
     def _send(self, router: zmq.Socket[bytes], route: bytes, message: p.Message) -> None:
-        *parts, last = p.encode(message)
+        self._send_frames(router, route, p.encode(message), 1)
+
+    def _send_frames(
+        self, router: zmq.Socket[bytes], route: bytes, frames: list[Any], count: int
+    ) -> None:
+        *parts, last = frames
         try:
             router.send(route, _MORE)
             for part in parts:
                 router.send(part, _MORE, copy=len(part) < _ZERO_COPY)
             router.send(last, _NOBLOCK, copy=len(last) < _ZERO_COPY)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (peer not reading)
-            log.info("dropped %s to a peer that cannot take it: %s", type(message).__name__, exc)
+            log.info("dropped %d messages to a peer that cannot take them: %s", count, exc)
 
     def _tick(self, now: float) -> None:
         if not self._done_samples or now - self._done_samples[-1][0] >= 0.25:

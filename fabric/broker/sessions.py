@@ -108,9 +108,9 @@ class Sessions:
     # --- receiving -----------------------------------------------------------------
 
     def receive(self, route: bytes, user: str, frames: list[memoryview], now: float) -> None:
-        """Take one message that arrived on connection ``route`` from key ``user``."""
+        """Take one ZeroMQ message (a message or a BATCH) from key ``user`` on ``route``."""
         try:
-            message = p.decode(frames)
+            messages = p.decode_many(frames)
         except VersionMismatchError as exc:
             hello = len(frames[0]) > 3 and frames[0][3] == p.Hello.TYPE
             refusal = p.Refuse("version", str(exc)) if hello else p.Error("version", str(exc))
@@ -120,6 +120,10 @@ class Sessions:
             self.counts["malformed"] += 1
             self.direct.append((route, p.Error("malformed", str(exc))))
             return
+        for message in messages:
+            self._take(route, user, message, now)
+
+    def _take(self, route: bytes, user: str, message: p.Message, now: float) -> None:
         kind = type(message)
         session = self.by_route.get(route)
         if kind is p.Hello:

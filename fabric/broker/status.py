@@ -66,8 +66,7 @@ def _expect(sock: zmq.Socket[bytes], address: str, deadline: float) -> p.Message
             raise BrokerUnavailable(
                 f"no answer from a broker at {address} (or the key was refused)"
             )
-        message = p.decode(sock.recv_multipart())
-        if not isinstance(message, p.Heartbeat | p.Welcome):
-            return message
-        if isinstance(message, p.Welcome):
-            return message
+        # the admin asks one thing at a time: a BATCH holds at most its answer and heartbeats
+        for message in p.decode_many(sock.recv_multipart()):
+            if not isinstance(message, p.Heartbeat):
+                return message

@@ -27,7 +27,16 @@ from typing import cast
 import cloudpickle
 import zmq
 
-from fabric.broker.protocol import Error, Heartbeat, Hello, Message, Refuse, Welcome, decode, encode
+from fabric.broker.protocol import (
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    Refuse,
+    Welcome,
+    decode_many,
+    encode,
+)
 from fabric.errors import AuthenticationError, ProtocolError, VersionMismatchError
 
 log = logging.getLogger(__name__)
@@ -138,14 +147,13 @@ class Link:
                 break
             self._last_heard = time.monotonic()
             try:
-                message = decode(frames)
+                messages = decode_many(frames)
             except VersionMismatchError as exc:
                 raise LinkRefused(exc) from None
             except ProtocolError as exc:
                 log.warning("dropped a malformed message from the broker: %s", exc)
                 continue
-            if self._session_message(message):
-                out.append(message)
+            out += filter(self._session_message, messages)
         return out
 
     def _session_message(self, message: Message) -> bool:

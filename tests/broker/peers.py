@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -34,6 +35,7 @@ class Peer:
         self.socket.connect(address)
         self.session = session or os.urandom(16)
         self.keepalive: float | None = None  # send HEARTBEATs this often while in recv()
+        self.pending: deque[p.Message] = deque()  # the rest of a BATCH being read
 
     def send(self, message: p.Message) -> None:
         self.socket.send_multipart(p.encode(message))
@@ -45,6 +47,10 @@ class Peer:
         """Return the next message that is not a HEARTBEAT; TimeoutError past ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
+            while self.pending:
+                message = self.pending.popleft()
+                if not isinstance(message, p.Heartbeat):
+                    return message
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"nothing from the broker within {timeout} s")
@@ -53,15 +59,15 @@ class Peer:
                 if self.keepalive is not None:
                     self.send(p.Heartbeat())
                 continue
-            message = p.decode(self.socket.recv_multipart())
-            if not isinstance(message, p.Heartbeat):
-                return message
+            self.pending += p.decode_many(self.socket.recv_multipart())
 
     def take(self, timeout: float = 0.0) -> p.Message | None:
         """Return a message that arrives within ``timeout`` (a HEARTBEAT too), or None."""
-        if not self.socket.poll(int(timeout * 1000)):
-            return None
-        return p.decode(self.socket.recv_multipart())
+        if not self.pending:
+            if not self.socket.poll(int(timeout * 1000)):
+                return None
+            self.pending += p.decode_many(self.socket.recv_multipart())
+        return self.pending.popleft()
 
     def expect(self, kind: type[M], timeout: float = 10.0) -> M:
         message = self.recv(timeout)

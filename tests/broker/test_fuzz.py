@@ -22,6 +22,9 @@ RSS_SLACK = 24 << 20
 hostile = st.one_of(
     hostile_frames(),
     messages.map(lambda m: [bytes(frame) for frame in p.encode(m)]),  # valid but out of place
+    st.lists(messages, min_size=2, max_size=5).map(  # batches of those
+        lambda ms: [bytes(frame) for frame in p.encode_many(ms)[0]]
+    ),
     st.lists(st.binary(max_size=64), min_size=1, max_size=4),  # not even a header
 )
 
@@ -43,7 +46,7 @@ def test_the_broker_survives_hostile_frames_from_an_authenticated_peer(
         def case(frames: list[bytes]) -> None:
             nonlocal sent, malformed
             try:
-                p.decode(frames)
+                p.decode_many(frames)
             except VersionMismatchError:
                 pass
             except ProtocolError:

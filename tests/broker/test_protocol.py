@@ -58,7 +58,7 @@ def test_unknown_keys_are_ignored_and_defaults_fill_in() -> None:
         ([], "empty"),
         ([b"FB"], "magic"),
         ([b"XX\x01\x04\x80"], "magic"),
-        ([b"FB\x02\x00\x80"], "unknown message type"),
+        ([b"FB\x03\x00\x80"], "unknown message type"),
         (_frames(p.Credit.TYPE, {}), "lacks field 'n'"),
         (_frames(p.Credit.TYPE, {"n": -1}), "non-negative"),
         (_frames(p.Credit.TYPE, {"n": True}), "non-negative"),
@@ -104,11 +104,11 @@ def test_unknown_keys_are_ignored_and_defaults_fill_in() -> None:
         (_frames(p.Result.TYPE, {"task": b"t", "attempt": 1, "status": "great"}), "status"),
         (_frames(p.Submit.TYPE, {"task": b"t", "requires": {"a": 1}}), "expected str"),
         (_frames(p.Done.TYPE, {"tasks": [b"a", 1]}), "expected bytes"),
-        ([b"FB\x02\x16" + b"\xc1"], "not valid msgpack"),
-        ([b"FB\x02\x16" + msgpack.packb({"tasks": []}) + b"\x00"], "not valid msgpack"),
-        ([b"FB\x02\x16" + b"\x91" * 2000], "not valid msgpack"),
-        ([b"FB\x02\x16" + msgpack.packb(msgpack.ExtType(1, b"x"))], "not valid msgpack"),
-        ([b"FB\x02\x16" + b"\x80" + b"\x00" * p.MAX_CONTROL_BYTES], "over"),
+        ([b"FB\x03\x16" + b"\xc1"], "not valid msgpack"),
+        ([b"FB\x03\x16" + msgpack.packb({"tasks": []}) + b"\x00"], "not valid msgpack"),
+        ([b"FB\x03\x16" + b"\x91" * 2000], "not valid msgpack"),
+        ([b"FB\x03\x16" + msgpack.packb(msgpack.ExtType(1, b"x"))], "not valid msgpack"),
+        ([b"FB\x03\x16" + b"\x80" + b"\x00" * p.MAX_CONTROL_BYTES], "over"),
         (_frames(p.Submit.TYPE, {"task": b"t"}, *[b""] * (p.MAX_PAYLOAD_FRAMES + 1)), "payload"),
     ],
 )
@@ -163,3 +163,79 @@ def test_roles_only_send_their_messages() -> None:
     assert p.SENDABLE["admin"] == {p.Hello, p.Heartbeat, p.Bye, p.Error, p.Status}
     broker_only = {p.Welcome, p.Refuse, p.Ack, p.Reject, p.Dispatch, p.Gone, p.Stats}
     assert not any(broker_only & sendable for sendable in p.SENDABLE.values())
+
+
+# --- batches ------------------------------------------------------------------------
+
+
+@given(st.lists(messages, min_size=1, max_size=40))
+def test_messages_round_trip_through_batches_in_order(batch: list[p.Message]) -> None:
+    decoded = []
+    for frames in p.encode_many(batch):
+        assert bytes(frames[0][:3]) == p.MAGIC + bytes((p.VERSION,))  # the version, every time
+        decoded += p.decode_many([bytes(frame) for frame in frames])
+    assert decoded == batch
+
+
+def test_a_lone_message_goes_in_the_plain_form() -> None:
+    message = p.Dispatch(b"t", 1, (b"call",))
+    assert p.encode_many([message]) == [p.encode(message)]
+    assert p.decode_many(p.encode(message)) == [message]
+
+
+def test_small_payloads_travel_inline_and_big_ones_as_frames() -> None:
+    big = memoryview(b"x" * (p.INLINE_BYTES + 1))
+    small = [p.Result(b"%d" % n, 1, "ok", payload=(b"v",)) for n in range(3)]
+    (frames,) = p.encode_many([*small, p.Dispatch(b"b", 1, (big,))])
+    assert len(frames) == 2 and frames[1] is big  # one control frame, the big payload untouched
+    assert p.decode_many(frames)[:3] == small
+
+
+def test_batches_split_at_their_limits() -> None:
+    many = [p.Ack((b"%d" % n,)) for n in range(p.MAX_BATCH + 1)]
+    assert [len(p.decode_many(frames)) for frames in p.encode_many(many)] == [p.MAX_BATCH, 1]
+    heavy = [p.Result(b"%d" % n, 1, "ok", payload=(b"y" * p.INLINE_BYTES,)) for n in range(100)]
+    out = p.encode_many(heavy)
+    assert len(out) > 1 and all(len(frames[0]) <= p.MAX_CONTROL_BYTES + 4 for frames in out)
+    assert [m for frames in out for m in p.decode_many(frames)] == heavy
+
+
+def _batch(entries: object, *payload: bytes) -> list[bytes]:
+    return _frames(p.BATCH, entries, *payload)
+
+
+@pytest.mark.parametrize(
+    ("frames", "match"),
+    [
+        (_batch([[p.Credit.TYPE, {"n": 1}, 0]]), "2 to"),
+        (_batch([[p.Credit.TYPE, {"n": 1}, 0]] * (p.MAX_BATCH + 1)), "2 to"),
+        (_batch({"n": 1}), "not a msgpack array"),
+        (_batch([[p.Credit.TYPE, {"n": 1}, 0], [p.Credit.TYPE, {"n": 1}]]), "not \\[type"),
+        (_batch([[p.Credit.TYPE, {"n": 1}, 0], [p.BATCH, {}, 0]]), "unknown message type"),
+        (_batch([[p.Credit.TYPE, {"n": 1}, 0], [p.Credit.TYPE, [1], 0]]), "not a msgpack map"),
+        (_batch([[p.Credit.TYPE, {"n": 1}, 0], [p.Credit.TYPE, {"n": -1}, 0]]), "non-negative"),
+        (_batch([[p.Submit.TYPE, {"task": b"a"}, 1]] * 2, b"x"), "fewer payload frames"),
+        (_batch([[p.Submit.TYPE, {"task": b"a"}, 0]] * 2, b"x"), "more payload frames"),
+        (_batch([[p.Submit.TYPE, {"task": b"a"}, -1]] * 2), "neither a frame count"),
+        (_batch([[p.Submit.TYPE, {"task": b"a"}, ["s"]]] * 2), "other than bytes"),
+        (_batch([[p.Credit.TYPE, {"n": 1}, [b"x"]]] * 2), "takes no payload"),
+    ],
+)
+def test_malformed_batches_are_refused_whole(frames: list[bytes], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        p.decode_many(frames)
+
+
+def test_decode_alone_never_returns_a_batch() -> None:
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        p.decode(_batch([[p.Credit.TYPE, {"n": 1}, 0]] * 2))
+
+
+@given(st.lists(messages, min_size=2, max_size=6), st.data())
+def test_every_truncation_of_a_batch_is_rejected(
+    batch: list[p.Message], data: st.DataObject
+) -> None:
+    head, *payload = p.encode_many(batch)[0]
+    cut = data.draw(st.integers(0, len(head) - 1))
+    with pytest.raises(ProtocolError):
+        p.decode_many([bytes(head[:cut]), *payload])

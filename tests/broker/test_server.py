@@ -113,7 +113,7 @@ def test_messages_before_hello_wrong_role_and_bad_frames_get_errors(start_broker
         peer = make()
         peer.send(p.Submit(b"t"))
         assert peer.expect(p.Error).code == "hello-required"
-        peer.send_raw([b"FB\x02\x10\xc1"])
+        peer.send_raw([b"FB\x03\x10\xc1"])
         error = peer.expect(p.Error)
         assert (error.code, "not valid msgpack" in error.message) == ("malformed", True)
         peer.send_raw([b"FB\x07\x01\x80"])
@@ -488,3 +488,29 @@ def test_a_peer_on_the_inproc_endpoint_skips_curve_but_not_the_protocol(
     broker.close()
     with pytest.raises(FabricError, match="not serving"):
         broker.local_endpoint()
+
+
+def test_a_batch_is_taken_entry_by_entry_and_answered_in_batches(start_broker: Start) -> None:
+    broker = start_broker()
+    with peers(broker.address) as make:
+        client, worker = make(), make()
+        client.hello("client")
+        worker.hello("worker", capacity=3)
+        submits = [p.Submit(b"t%d" % n, payload=(b"call%d" % n,)) for n in range(3)]
+        (frames,) = p.encode_many([*submits, p.Credit(1)])  # a client may not send CREDIT
+        client.send_raw([bytes(frame) for frame in frames])
+        assert client.expect(p.Error).code == "forbidden"  # that entry alone
+        dispatches = [worker.expect(p.Dispatch) for _ in submits]
+        assert [d.payload for d in dispatches] == [s.payload for s in submits]
+        results = [p.Result(d.task, 1, "ok", credit=1, payload=(b"r",)) for d in dispatches]
+        (frames,) = p.encode_many(results)
+        worker.send_raw([bytes(frame) for frame in frames])
+        got = set()
+        while len(got) < len(submits):
+            message = client.recv()
+            assert isinstance(message, p.Result | p.Ack), message  # ACKs may come first
+            if isinstance(message, p.Result):
+                got.add(message.task)
+        stats = broker.statistics()
+    assert got == {b"t0", b"t1", b"t2"}
+    assert (stats.tasks.tasks_done, stats.forbidden, stats.malformed) == (3, 1, 0)
