@@ -25,7 +25,7 @@ import threading
 from typing import Any
 
 from fabric.broker.protocol import Call
-from fabric.errors import BrokerUnavailable, ProtocolError
+from fabric.errors import BrokerUnavailable, FabricError, ProtocolError
 from fabric.local import Pipe
 from fabric.local.connection import Connection as End
 from fabric.remote._client_calls import LocalBroker, PendingCall
@@ -233,8 +233,8 @@ class LaneServer:
             blob = pickle.dumps(theirs)
             theirs.close()
             send_frame(client.sock, blob)
-        except (OSError, EOFError, BrokerUnavailable) as exc:
-            log.debug("a same-host lane client left: %s", exc)
+        except (OSError, EOFError, FabricError) as exc:  # it left, or no session for it
+            log.debug("a same-host lane client was dropped: %s", exc)
             return False
         self._channels = [t for t in self._channels if t.is_alive()]
         thread = threading.Thread(
