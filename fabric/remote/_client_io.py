@@ -179,14 +179,24 @@ class ClientIO(ABC):
 
     def _send_or_queue(self, message: Message) -> None:
         """Send from this thread if the session is up and nothing queued is ahead, else queue."""
+        self._send_all_or_queue([message])
+
+    def _send_all_or_queue(self, messages: list[Message]) -> None:
+        """Send ``messages`` in order from this thread under one lock; queue what cannot go."""
+        sent = 0
         with self._sock_lock:
-            if self._link.ready and not self._outbox and self._link.send(message):
-                if self._input_pending():
-                    self._poke_receiver()  # our send may have eaten the edge it waits for
-                return
-        with self._lock:
-            self._outbox.append(message)
-        self._wake()
+            if self._link.ready and not self._outbox:
+                send = self._link.send
+                for message in messages:
+                    if not send(message):
+                        break
+                    sent += 1
+                if sent and self._input_pending():
+                    self._poke_receiver()  # our sends may have eaten the edge it waits for
+        if sent < len(messages):
+            with self._lock:
+                self._outbox += messages[sent:]
+            self._wake()
 
     def _input_pending(self) -> bool:
         sock = self._link.socket

@@ -141,15 +141,26 @@ class Connection(ClientIO):
         requires: dict[str, str] | None = None,
     ) -> None:
         """Submit a task; ``on_result`` runs once, on the I/O thread, when its result is in."""
-        message = Submit(task=task, requires=requires or {}, payload=(payload,))
+        self.submit_many([(task, payload, on_result)], requires)
+
+    def submit_many(
+        self,
+        tasks: list[tuple[bytes, bytes, ResultCallback]],
+        requires: dict[str, str] | None = None,
+    ) -> None:
+        """Submit ``(task id, payload, on_result)`` tasks in order, under one lock each way."""
+        messages: list[Message] = []
         with self._lock:
             self._check_open()
-            self._tasks.add(message, on_result)
+            for task, payload, on_result in tasks:
+                message = Submit(task=task, requires=requires or {}, payload=(payload,))
+                self._tasks.add(message, on_result)
+                messages.append(message)
             self._tasks_at = time.monotonic()
             watching = self._watching
-        self._send_or_queue(message)
+        self._send_all_or_queue(messages)
         if not watching:
-            self._wake()  # the I/O thread must watch for the result
+            self._wake()  # the I/O thread must watch for the results
 
     def cancel(self, task: bytes) -> None:
         """Ask the broker to cancel a task (its RESULT says whether it was)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import itertools
 import sys
 import threading
@@ -19,12 +20,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from fabric.errors import BrokerUnavailable, FabricError, WorkerLostError
+from fabric.remote._client_tasks import ResultCallback
 from fabric.remote._connection import Connection
 from fabric.remote._errors import with_remote_traceback
 from fabric.remote._progress import Progress, check, track
 from fabric.remote._runner import decode_outcome, encode_function, encode_task
 
 T = TypeVar("T")
+
+_SUBMIT_BATCH = 64  # a map's tasks go to the connection this many at a time
 
 
 def _in_order(futures: list[cf.Future[list[T]]], limit: float | None) -> Iterator[list[T]]:
@@ -69,19 +73,27 @@ class Executor(cf.Executor):
         return self._submit_payload(encode_task(encode_function(fn), args, kwargs, self._forward))
 
     def _submit_payload(self, payload: bytes) -> cf.Future[Any]:
-        future: cf.Future[Any] = cf.Future()
-        task = self._conn.new_task_id()
+        return self._submit_payloads([payload])[0]
+
+    def _submit_payloads(self, payloads: list[bytes]) -> list[cf.Future[Any]]:
+        """Submit pickled tasks in order, as one batch for the connection; return their futures."""
+        futures: list[cf.Future[Any]] = [cf.Future() for _ in payloads]
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._pending.add(future)
-        future.add_done_callback(lambda f: self._settled(f, task))
+            self._pending.update(futures)
+        entries: list[tuple[bytes, bytes, ResultCallback]] = []
+        for future, payload in zip(futures, payloads, strict=True):
+            task = self._conn.new_task_id()
+            future.add_done_callback(functools.partial(self._settled, task=task))
+            entries.append((task, payload, functools.partial(self._resolve, future)))
         try:
-            self._conn.submit(task, payload, lambda *r: self._resolve(future, *r), self._requires)
+            self._conn.submit_many(entries, self._requires)
         except BaseException:
-            future.cancel()
+            for future in futures:
+                future.cancel()
             raise
-        return future
+        return futures
 
     def map(
         self,
@@ -103,9 +115,12 @@ class Executor(cf.Executor):
         limit = None if timeout is None else time.monotonic() + timeout
         chunks = list(_batched(zip(*iterables, strict=False), chunksize))
         blob, forward = encode_function(fn), self._forward  # the function is pickled once
-        futures: list[cf.Future[list[T]]] = [
-            self._submit_payload(encode_task(blob, c, None, forward, many=True)) for c in chunks
-        ]
+        futures: list[cf.Future[list[T]]] = []
+        for group in _batched(
+            chunks, _SUBMIT_BATCH
+        ):  # the first ones go before the rest is pickled
+            payloads = [encode_task(blob, chunk, None, forward, many=True) for chunk in group]
+            futures += self._submit_payloads(payloads)
         track(futures, [len(c) for c in chunks], progress, "map")
         return itertools.chain.from_iterable(_in_order(futures, limit))
 
