@@ -182,15 +182,14 @@ class ClientIO(ABC):
         self._send_all_or_queue([message])
 
     def _send_all_or_queue(self, messages: list[Message]) -> None:
-        """Send ``messages`` in order from this thread under one lock; queue what cannot go."""
+        """Send ``messages`` in order from this thread under one lock; queue what cannot go.
+
+        Only for messages the broker takes twice harmlessly (see ``Link.send_many``).
+        """
         sent = 0
         with self._sock_lock:
             if self._link.ready and not self._outbox:
-                send = self._link.send
-                for message in messages:
-                    if not send(message):
-                        break
-                    sent += 1
+                sent = self._link.send_many(messages)  # several to a BATCH
                 if sent and self._input_pending():
                     self._poke_receiver()  # our sends may have eaten the edge it waits for
         if sent < len(messages):
