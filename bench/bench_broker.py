@@ -14,7 +14,8 @@ is already waiting to go leaves as one BATCH (the client's SUBMITs made
 before it waits, a worker's RESULTs for the DISPATCHes one receive brought),
 never waiting to fill one; the floor's peers send one message per task.
 Throughput keeps a window of 256 tasks in flight; the round trip sends one
-task at a time.
+task at a time. The candidates take turns, each repeat on a fresh cluster, so
+the load of a shared machine drifts across all of them alike.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
@@ -186,6 +188,7 @@ class _FabricClient:
 # --- the measurements ----------------------------------------------------------------
 
 Client = _RawClient | _FabricClient
+Connect = Callable[[zmq.Context[zmq.Socket[bytes]]], Client]
 
 
 def _throughput(client: Client) -> float:
@@ -211,7 +214,7 @@ def _round_trips(client: Client) -> list[float]:
 
 
 @contextmanager
-def _raw_cluster() -> Iterator[Callable[[zmq.Context[zmq.Socket[bytes]]], Client]]:
+def _raw_cluster() -> Iterator[Connect]:
     address = f"tcp://127.0.0.1:{_port()}"
     mp = multiprocessing.get_context("spawn")
     procs = [mp.Process(target=_raw_broker, args=(address,))]
@@ -227,9 +230,7 @@ def _raw_cluster() -> Iterator[Callable[[zmq.Context[zmq.Socket[bytes]]], Client
 
 
 @contextmanager
-def _fabric_cluster(
-    keydir: str | None, *broker_args: str
-) -> Iterator[Callable[[zmq.Context[zmq.Socket[bytes]]], Client]]:
+def _fabric_cluster(keydir: str | None, *broker_args: str) -> Iterator[Connect]:
     address = f"tcp://127.0.0.1:{_port()}"
     args = ["--bind", address, "--no-services", *broker_args]
     if keydir:
@@ -270,32 +271,37 @@ def run(repeats: int) -> list[Table | Samples]:
         keydir = str(Path(tmp) / "keys")
         generate(keydir)
         journal = str(Path(tmp) / "journal")
-        candidates = {
-            "raw ROUTER floor": lambda: _raw_cluster(),
-            "fabric, CURVE, no journal": lambda: _fabric_cluster(keydir),
-            "fabric, no keys, no journal": lambda: _fabric_cluster(None),
-            "fabric, CURVE, journal fsync=os": lambda: _fabric_cluster(
-                keydir, "--journal", journal + "-os", "--fsync", "os"
+        candidates: dict[str, Callable[[str], ContextManager[Connect]]] = {
+            "raw ROUTER floor": lambda tag: _raw_cluster(),
+            "fabric, CURVE, no journal": lambda tag: _fabric_cluster(keydir),
+            "fabric, no keys, no journal": lambda tag: _fabric_cluster(None),
+            "fabric, CURVE, journal fsync=os": lambda tag: _fabric_cluster(
+                keydir, "--journal", f"{journal}-os-{tag}", "--fsync", "os"
             ),
-            "fabric, CURVE, journal fsync=always": lambda: _fabric_cluster(
-                keydir, "--journal", journal + "-always", "--fsync", "always"
+            "fabric, CURVE, journal fsync=always": lambda tag: _fabric_cluster(
+                keydir, "--journal", f"{journal}-always-{tag}", "--fsync", "always"
             ),
         }
-        for name, cluster in candidates.items():
-            with cluster() as connect, zmq.Context() as ctx:
-                client = connect(ctx)
-                _round_trips(client)  # warm up: connections, first dispatches
-                rates, medians, tails = [], [], []
-                for _ in range(repeats):
-                    rates.append(_throughput(client))
+        rates: dict[str, list[float]] = {name: [] for name in candidates}
+        medians: dict[str, list[float]] = {name: [] for name in candidates}
+        tails: dict[str, list[float]] = {name: [] for name in candidates}
+        # candidates take turns, a fresh cluster each repeat: on a shared machine the load
+        # drifts, and a ratio of runs made minutes apart would measure the drift
+        for repeat in range(repeats):
+            for name, cluster in candidates.items():
+                with cluster(str(repeat)) as connect, zmq.Context() as ctx:
+                    client = connect(ctx)
+                    _round_trips(client)  # warm up: connections, first dispatches
+                    rates[name].append(_throughput(client))
                     times = sorted(_round_trips(client))
-                    dist.add(name, times)
-                    medians.append(statistics.median(times))
-                    tails.append(times[int(len(times) * 0.99)])
-                client.close()
-            tput.add(name, Stats(tuple(rates)))
-            median.add(name, Stats(tuple(medians)))
-            p99.add(name, Stats(tuple(tails)))
+                    client.close()
+                dist.add(name, times)
+                medians[name].append(statistics.median(times))
+                tails[name].append(times[int(len(times) * 0.99)])
+        for name in candidates:
+            tput.add(name, Stats(tuple(rates[name])))
+            median.add(name, Stats(tuple(medians[name])))
+            p99.add(name, Stats(tuple(tails[name])))
     note = (
         f"{TASKS} tasks per throughput run with {WINDOW} in flight; {ROUNDS} sequential tasks per"
         f" latency run. Every worker keeps up to {WORKER_WINDOW} tasks in flight (its credit) in"
