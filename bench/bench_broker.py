@@ -19,7 +19,6 @@ task at a time.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import socket
@@ -32,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import zmq
 
@@ -46,6 +46,7 @@ WINDOW = 256
 DONE_BATCH = 256
 WORKER_WINDOW = 16  # tasks a worker keeps in flight (its credit), the same for every broker
 PY, CP = "3.11", "3.1"
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: cheaper than a zmq.Again
 
 
 def _port() -> int:
@@ -121,9 +122,8 @@ def _fabric_worker(address: str, keydir: str | None) -> None:
             except zmq.Again:
                 sock.send_multipart(p.encode(p.Heartbeat()))
                 continue
-            with contextlib.suppress(zmq.Again):  # and whatever else is already waiting
-                while True:
-                    received.append(sock.recv_multipart(zmq.NOBLOCK))
+            while cast(int, sock.get(EVENTS)) & POLLIN:  # and whatever else is already waiting
+                received.append(sock.recv_multipart(zmq.NOBLOCK))
             results: list[p.Message] = []
             for frames in received:
                 for message in p.decode_many(frames):  # a DISPATCH or a BATCH of them
@@ -132,8 +132,8 @@ def _fabric_worker(address: str, keydir: str | None) -> None:
                         results.append(p.Result(task, attempt, "ok", credit=1, payload=payload))
                     elif isinstance(message, p.Refuse):
                         return
-            for frames in p.encode_many(results):  # answered at once, as one message
-                sock.send_multipart(frames)
+            for reply in p.encode_many(results):  # answered at once, as one message
+                sock.send_multipart(reply)
 
 
 class _FabricClient:
