@@ -32,7 +32,12 @@ class EmbeddedCluster:
     """A loopback broker + built-in host + one local worker node."""
 
     def __init__(
-        self, *, processes: int | None = None, keys: str | Path | None = None, lane: bool = True
+        self,
+        *,
+        processes: int | None = None,
+        keys: str | Path | None = None,
+        lane: bool = True,
+        prefetch: int = 0,
     ) -> None:
         from fabric.broker.keys import Keyring
         from fabric.broker.server import Broker
@@ -50,7 +55,7 @@ class EmbeddedCluster:
         # The node starts first and learns the address on its stdin once the broker is
         # bound: its interpreter and task processes start while the broker does.
         self._node: subprocess.Popen[bytes] | None = self._start_node(
-            processes or os.cpu_count() or 1
+            processes or os.cpu_count() or 1, prefetch
         )
         try:
             self.broker = Broker(
@@ -70,7 +75,7 @@ class EmbeddedCluster:
                 self.lane.close()
             raise
 
-    def _start_node(self, processes: int) -> subprocess.Popen[bytes]:
+    def _start_node(self, processes: int, prefetch: int) -> subprocess.Popen[bytes]:
         command = [
             sys.executable,
             "-m",
@@ -83,6 +88,8 @@ class EmbeddedCluster:
             f"embedded-{os.getpid()}",
             "--parent",
             str(os.getpid()),
+            "--prefetch",
+            str(prefetch),
         ]
         env = dict(os.environ)
         if self._keys is not None:

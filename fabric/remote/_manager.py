@@ -44,6 +44,7 @@ from fabric.remote._proxies_sync import (
     SemaphoreProxy,
 )
 from fabric.remote._proxy_base import AutoProxy, BaseProxy, decode_reply, dumps
+from fabric.remote._worker import check_prefetch
 
 
 def _public_methods(cls: type) -> frozenset[str]:
@@ -61,6 +62,9 @@ class Manager:
     processes of the embedded worker node call shared objects over shared
     memory to a thread of this process instead of TCP (see the docs' "same-host
     lane"); False sends their calls over TCP like any remote client's.
+    ``prefetch`` (embedded cluster only): tasks its worker node may hold beyond
+    its free task processes (``fabric worker --prefetch``; 0, the default,
+    takes one task per free process).
     """
 
     def __init__(
@@ -73,7 +77,9 @@ class Manager:
         name: str | None = None,
         timeout: float = 10.0,
         lane: bool = True,
+        prefetch: int = 0,
     ) -> None:
+        self._prefetch = check_prefetch(prefetch)
         self._address = address
         self._keys = keys
         self._processes = processes
@@ -100,7 +106,10 @@ class Manager:
                 return self
             if self._address is None:
                 self._cluster = EmbeddedCluster(
-                    processes=self._processes, keys=self._keys, lane=self._lane
+                    processes=self._processes,
+                    keys=self._keys,
+                    lane=self._lane,
+                    prefetch=self._prefetch,
                 )
                 self._address = self._cluster.address
             try:

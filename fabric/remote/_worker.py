@@ -5,7 +5,12 @@ link and nothing else runs user code here: task processes are plain
 ``python -m fabric.remote._taskproc`` children fed through pipes, so a task
 that hogs the GIL, blocks or crashes never stops the heartbeats.
 - Credit = free slots: HELLO announces the free slots, each RESULT hands one
-  back (``credit=1``). Nothing is prefetched.
+  back (``credit=1``). Nothing is prefetched unless ``prefetch`` > 0: then the
+  node also takes up to ``prefetch`` tasks beyond its free slots, queues them
+  here and hands each to the first task process that frees, in arrival order.
+  The broker counts them DISPATCHED like running ones (its credit accounting),
+  so a node that dies has them re-queued; CANCEL of a queued one answers
+  ``cancelled`` at once.
 - A RESULT is kept until the broker ACKs it and re-sent on every new session,
   so a broker restart or a network cut loses no result.
 - A task process that dies mid-task is reported at once as ``crashed`` (with
@@ -13,8 +18,10 @@ that hogs the GIL, blocks or crashes never stops the heartbeats.
 - CANCEL of a running task kills its process (SIGTERM, then SIGKILL after
   ``grace``) and reports ``cancelled``.
 - SIGTERM (or ``drain()``) drains: results go back with no credit, tasks that
-  still arrive are not started, and once the running ones are done and ACKed
-  the node says BYE (the broker re-queues what it had not started) and exits.
+  still arrive are not started, and once the running ones (and the prefetched
+  ones queued before the drain: the broker would wait for the BYE anyway) are
+  done and ACKed the node says BYE (the broker re-queues what it had not
+  started) and exits.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import FrameType
@@ -49,6 +57,17 @@ class _Slot:
     cancelled: bool = False
 
 
+def check_prefetch(prefetch: object) -> int:
+    """Return ``prefetch`` if it is an int >= 0, else raise TypeError or ValueError."""
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool):
+        raise TypeError(f"prefetch must be an int >= 0, not {type(prefetch).__name__}")
+    if prefetch < 0:
+        raise ValueError(
+            f"prefetch must be >= 0 (tasks held beyond the free slots), not {prefetch}"
+        )
+    return prefetch
+
+
 def _signal_name(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -63,7 +82,8 @@ class WorkerNode:
 
     ``address`` may be a callable, called once the task processes are started:
     a Manager starts its node while its broker is still starting and hands the
-    address over then, so the two start-ups overlap.
+    address over then, so the two start-ups overlap. ``prefetch``: tasks the
+    node may hold beyond its free slots (0: one task per free slot).
     """
 
     def __init__(
@@ -76,9 +96,11 @@ class WorkerNode:
         runtime: Runtime | None = None,
         env: dict[str, str] | None = None,
         grace: float = 5.0,
+        prefetch: int = 0,
     ) -> None:
         if processes is not None and processes < 1:
             raise ValueError("processes must be >= 1")
+        self.prefetch = check_prefetch(prefetch)
         self.processes = processes or os.cpu_count() or 1
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self._env = {**os.environ, **(env or {})}
@@ -96,6 +118,7 @@ class WorkerNode:
             on_welcome=self._resend,
         )
         self._slots: list[_Slot] = []
+        self._queued: deque[Dispatch] = deque()  # prefetched, not started (arrival order)
         self._unacked: dict[tuple[bytes, int], Result] = {}
         self._unsent: list[tuple[bytes, int]] = []
         self._draining = False
@@ -170,12 +193,17 @@ class WorkerNode:
         log.info("worker node %s drained", self.name)
 
     def _idle(self) -> bool:
-        return all(slot.task is None for slot in self._slots) and not self._unacked
+        return (
+            all(slot.task is None for slot in self._slots)
+            and not self._queued
+            and not self._unacked
+        )
 
     def _free(self) -> int:
         if self._draining:
             return 0
-        return sum(slot.task is None for slot in self._slots)
+        idle = sum(slot.task is None for slot in self._slots)
+        return idle + self.prefetch - len(self._queued)
 
     def _on_message(self, message: object) -> None:
         if isinstance(message, Dispatch):
@@ -190,8 +218,8 @@ class WorkerNode:
         if self._draining:
             log.info("draining: not starting task %s (the broker re-queues it)", message.task.hex())
             return
-        slot = next((s for s in self._slots if s.task is None), None)
-        if slot is None:  # the broker overdrew our credit: hand the task back
+        if len(self._queued) >= self.prefetch and all(s.task is not None for s in self._slots):
+            # the broker overdrew our credit: hand the task back
             log.warning("no free slot for task %s", message.task.hex())
             self._report(
                 Result(
@@ -203,21 +231,33 @@ class WorkerNode:
                 )
             )
             return
-        slot.task, slot.cancelled = (message.task, message.attempt), False
-        with contextlib.suppress(OSError):  # a dead process: _collect reports its EOF
-            write_frame(slot.tasks, *(bytes(frame) for frame in message.payload))
+        self._queued.append(message)
+        self._feed()
+
+    def _feed(self) -> None:
+        """Hand queued tasks to idle task processes, oldest first."""
+        while self._queued:
+            slot = next((s for s in self._slots if s.task is None), None)
+            if slot is None:
+                return
+            message = self._queued.popleft()
+            slot.task, slot.cancelled = (message.task, message.attempt), False
+            with contextlib.suppress(OSError):  # a dead process: _collect reports its EOF
+                write_frame(slot.tasks, *(bytes(frame) for frame in message.payload))
 
     def _collect(self, slot: _Slot) -> None:
         frame = read_frame(slot.results)
         task = slot.task
         if frame is not None:
             slot.task = None
+            self._feed()  # the next task first: the process is idle until it has one
             if task is not None:
                 status = "ok" if frame[:1] == b"\1" else "error"
                 self._finish(task, status, "", frame[1:])
             return
         returncode = self._reap(slot)
         self._slots[self._slots.index(slot)] = self._spawn()
+        self._feed()
         if task is not None:
             if slot.cancelled:
                 self._finish(task, "cancelled", "cancelled while running", b"")
@@ -246,6 +286,13 @@ class WorkerNode:
             self._unsent.append(key)  # the link is down or full: try again (or on WELCOME)
 
     def _cancel(self, message: Cancel) -> None:
+        for queued in self._queued:
+            if queued.task == message.task and queued.attempt == message.attempt:
+                self._queued.remove(queued)
+                self._finish(
+                    (queued.task, queued.attempt), "cancelled", "cancelled before it ran", b""
+                )
+                return
         for slot in self._slots:
             if slot.task is not None and slot.task[0] == message.task:
                 slot.cancelled = True

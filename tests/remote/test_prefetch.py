@@ -1,0 +1,138 @@
+"""Worker nodes with a prefetch window: how many tasks a node holds, kill -9, drain, cancel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from fabric.broker.scheduler import WorkerInfo
+from fabric.remote import Manager
+from fabric.remote._worker import WorkerNode
+from fabric.remote.cli import main
+from tests.remote.conftest import Cluster
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def hold(started: Any, gate: Any, x: int) -> tuple[int, int]:
+    started.put(x)
+    assert gate.wait(60)
+    return x * x, os.getppid()  # the worker node is the task process's parent
+
+
+def worker(cluster: Cluster, name: str) -> WorkerInfo:
+    return next(w for w in cluster.broker.statistics().tasks.worker_list if w.name == name)
+
+
+def wait_running(cluster: Cluster, name: str, n: int) -> WorkerInfo:
+    """Poll the broker's view until node ``name`` holds ``n`` tasks (or 30 s pass)."""
+    deadline = time.monotonic() + 30
+    while (info := worker(cluster, name)).running != n and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling the broker's view, not synchronising the test
+    return info
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_a_node_holds_at_most_its_slots_plus_prefetch(cluster: Cluster, prefetch: int) -> None:
+    cluster.node(2, "pf", "--prefetch", str(prefetch))
+    mgr = cluster.manager()
+    ex = mgr.Executor()
+    assert ex.submit(abs, -1).result(timeout=60) == 1  # the node has joined
+    started, gate = mgr.Queue(), mgr.Event()
+    results = ex.map(hold, [started] * 12, [gate] * 12, range(12), timeout=60)
+    assert {started.get(timeout=60), started.get(timeout=60)} <= set(range(12))
+    info = wait_running(cluster, "pf", 2 + prefetch)
+    assert (info.running, info.credit) == (2 + prefetch, 0)  # no more than slots + prefetch
+    assert cluster.broker.statistics().tasks.queued == 12 - 2 - prefetch
+    assert started.qsize() == 0  # the prefetched tasks wait at the node: 2 processes
+    gate.set()
+    assert [square for square, _ in results] == [x * x for x in range(12)]
+    stats = cluster.broker.statistics().tasks
+    assert (stats.tasks_done, stats.retries, stats.duplicates) == (13, 0, 0)
+    info = worker(cluster, "pf")
+    assert (info.running, info.credit) == (0, 2 + prefetch)  # every credit came back
+
+
+def test_a_killed_node_holding_prefetched_tasks_has_them_requeued(cluster: Cluster) -> None:
+    doomed = cluster.node(1, "doomed", "--prefetch", "4")
+    mgr = cluster.manager()
+    ex = mgr.Executor()
+    assert ex.submit(abs, -1).result(timeout=60) == 1
+    started, gate = mgr.Queue(), mgr.Event()
+    results = ex.map(hold, [started] * 10, [gate] * 10, range(10), timeout=60)
+    assert started.get(timeout=60) == 0
+    assert wait_running(cluster, "doomed", 5).running == 5  # 1 running + 4 prefetched
+    doomed.kill()
+    doomed.wait()
+    survivor = cluster.node(2, "survivor")
+    gate.set()
+    got = list(results)
+    assert [square for square, _ in got] == [x * x for x in range(10)]  # each exactly once
+    assert {node for _, node in got} == {survivor.pid}
+    stats = cluster.broker.statistics().tasks
+    assert (stats.tasks_done, stats.retries) == (11, 5)  # the 5 the dead node held
+
+
+def record(log: Any, x: int) -> int:
+    log.append(x)
+    return x
+
+
+def test_cancel_of_a_prefetched_task_answers_at_once(cluster: Cluster) -> None:
+    cluster.node(1, "pf", "--prefetch", "2")
+    mgr = cluster.manager()
+    ex = mgr.Executor()
+    started, gate, log = mgr.Queue(), mgr.Event(), mgr.list()
+    running = ex.submit(hold, started, gate, 0)
+    assert started.get(timeout=60) == 0
+    doomed = ex.submit(record, log, 1)
+    kept = ex.submit(record, log, 2)
+    wait_running(cluster, "pf", 3)
+    assert doomed.cancel()
+    # the node answers the CANCEL of its queued task at once, giving back its credit
+    assert wait_running(cluster, "pf", 2).running == 2
+    gate.set()
+    assert running.result(timeout=60)[0] == 0 and kept.result(timeout=60) == 2
+    assert log.copy() == [2] and doomed.cancelled()
+
+
+def test_a_draining_node_runs_the_tasks_it_prefetched(cluster: Cluster) -> None:
+    node = cluster.node(1, "draining", "--prefetch", "2")
+    mgr = cluster.manager()
+    ex = mgr.Executor()
+    started, gate = mgr.Queue(), mgr.Event()
+    futures = [ex.submit(hold, started, gate, x) for x in range(3)]
+    assert started.get(timeout=60) == 0
+    wait_running(cluster, "draining", 3)
+    node.send_signal(signal.SIGTERM)
+    later = ex.submit(abs, -3)  # must not start on the draining node
+    gate.set()
+    assert [f.result(timeout=60) for f in futures] == [(x * x, node.pid) for x in range(3)]
+    assert node.wait(60) == 0
+    cluster.node(1, "fresh")
+    assert later.result(timeout=60) == 3
+
+
+@pytest.mark.parametrize(
+    ("prefetch", "error"), [(-1, ValueError), ("2", TypeError), (True, TypeError), (1.5, TypeError)]
+)
+def test_prefetch_is_validated(prefetch: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match="prefetch"):
+        WorkerNode("tcp://127.0.0.1:1", processes=1, prefetch=prefetch)
+    with pytest.raises(error, match="prefetch"):
+        Manager(prefetch=prefetch)
+
+
+def test_the_cli_refuses_a_negative_prefetch(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["worker", "tcp://127.0.0.1:1", "--prefetch", "-1"])
+    assert exit_.value.code == 2
+    assert "--prefetch" in capsys.readouterr().err
