@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -15,7 +19,7 @@ from fabric.broker.scheduler import WorkerInfo
 from fabric.remote import Manager
 from fabric.remote._worker import WorkerNode
 from fabric.remote.cli import main
-from tests.remote.conftest import Cluster
+from tests.remote.conftest import Cluster, start_broker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -136,3 +140,51 @@ def test_the_cli_refuses_a_negative_prefetch(capsys: pytest.CaptureFixture[str])
         main(["worker", "tcp://127.0.0.1:1", "--prefetch", "-1"])
     assert exit_.value.code == 2
     assert "--prefetch" in capsys.readouterr().err
+
+
+def hold_on_socket(address: tuple[str, int], x: int) -> int:
+    # the gate is a socket of the test: shared objects would die with the broker
+    with socket.create_connection(address, timeout=60) as conn:
+        assert conn.recv(1) == b"g"
+    return x * x
+
+
+def serve_gate(gate: socket.socket, first: socket.socket) -> None:
+    """Open the gate for every task that comes (until the test closes it)."""
+    conn = first
+    with contextlib.suppress(OSError):
+        while True:
+            with conn:
+                conn.sendall(b"g")
+            conn, _ = gate.accept()
+
+
+def test_after_a_broker_restart_the_node_announces_only_its_free_window(
+    keydir: Path, tmp_path: Path
+) -> None:
+    journal = str(tmp_path / "journal")
+    cluster = Cluster(keydir, start_broker(keydir, journal=journal))
+    gate = socket.create_server(("127.0.0.1", 0))
+    gate.settimeout(60)
+    try:
+        cluster.node(1, "pf", "--prefetch", "2")
+        mgr = cluster.manager()
+        addresses = [gate.getsockname()] * 6
+        results = mgr.Executor().map(hold_on_socket, addresses, range(6), timeout=60)
+        first, _ = gate.accept()  # task 0 runs; 1 and 2 wait at the node
+        wait_running(cluster, "pf", 3)
+        address = cluster.address
+        cluster.broker.close()
+        cluster.broker = start_broker(keydir, bind=address, journal=journal)
+        deadline = time.monotonic() + 30
+        while not cluster.broker.statistics().tasks.workers and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling the broker's view, not synchronising the test
+        stats = cluster.broker.statistics().tasks
+        info = worker(cluster, "pf")
+        # its 3 held tasks leave no room: nothing dispatched, so nothing handed back as crashed
+        assert (info.credit, info.running, stats.retries) == (0, 0, 0)
+        threading.Thread(target=serve_gate, args=(gate, first), daemon=True).start()
+        assert list(results) == [x * x for x in range(6)]
+    finally:
+        gate.close()
+        cluster.close()
