@@ -12,7 +12,8 @@ Every row is measured in the same run on this machine:
 * no-op task throughput (``submit`` and ``map``) with 2 worker processes, and
   the single-task round trip, against a raw pyzmq floor: a ROUTER broker
   thread handing pickled calls to 2 DEALER worker processes, no journal, no
-  keys, no retries;
+  keys, no retries; plus ``map`` on a node with a prefetch window
+  (``Manager(prefetch=PREFETCH)``; every other row uses the default, none);
 * cold start: ``Manager()`` to the first task result, against
   ``ProcessPoolExecutor`` (local) start-up;
 * the task peers, each with 2 worker processes, in the same three tables: dask
@@ -47,6 +48,15 @@ N_OPS = 2_000
 N_TASKS = 2_000
 N_TRIPS = 200
 WORKERS = 2
+# The prefetch row's window: with no-op tasks a slot sits idle ~80% of the time waiting for the
+# node -> broker -> node round trip, so each task process needs ~4 tasks in hand to cover it; a
+# K=1..32 sweep here gained most by 4 per process and little past it (within the noise).
+PREFETCH = 4 * WORKERS
+PREFETCH_NOTE = (
+    f"Rows but one use the default node (no prefetch); 'node prefetch={PREFETCH}' is a"
+    f" Manager(prefetch={PREFETCH}): 4 tasks per task process cover the node -> broker -> node"
+    " round trip of no-op tasks. The floor and the two map rows take turns in each repeat."
+)
 
 _FLOOR_WORKER = """
 import os, sys, zmq, cloudpickle
@@ -188,17 +198,29 @@ def _dict_table(repeats: int, mgr: Manager, sync: mpm.SyncManager, tcp: Manager)
     return [ops, queue_t]
 
 
-def _task_tables(repeats: int, mgr: Manager, floor: _Floor) -> list[Table]:
-    ex = mgr.Executor()
+def _task_tables(repeats: int, mgr: Manager, floor: _Floor, pre: Manager) -> list[Table]:
+    """The task tables; ``pre`` is a Manager whose node prefetches ``PREFETCH`` tasks."""
+    ex, pre_ex = mgr.Executor(), pre.Executor()
     items = list(range(N_TASKS))
     thru = Table(
         f"No-op tasks, {N_TASKS} at once, {WORKERS} worker processes",
         "tasks/s",
         baseline="raw pyzmq floor",
     )
-    thru.add(
-        "raw pyzmq floor", repeat(lambda: rate(N_TASKS, lambda: floor.map(abs, items)), repeats)
-    )
+    # the floor, the default node's map and the prefetching one's take turns in each repeat,
+    # so a shared machine's drifting load weighs on all three alike
+    turns = {
+        "raw pyzmq floor": lambda: floor.map(abs, items),
+        "fabric Executor.map": lambda: list(ex.map(abs, items, timeout=120)),
+        f"fabric Executor.map, node prefetch={PREFETCH}": lambda: list(
+            pre_ex.map(abs, items, timeout=120)
+        ),
+    }
+    figures: dict[str, list[float]] = {name: [] for name in turns}
+    for _ in range(repeats):
+        for name, body in turns.items():
+            figures[name].append(rate(N_TASKS, body))
+    thru.add("raw pyzmq floor", Stats(tuple(figures.pop("raw pyzmq floor"))))
     thru.add(
         "fabric Executor.submit",
         repeat(
@@ -206,10 +228,9 @@ def _task_tables(repeats: int, mgr: Manager, floor: _Floor) -> list[Table]:
             repeats,
         ),
     )
-    thru.add(
-        "fabric Executor.map",
-        repeat(lambda: rate(N_TASKS, lambda: list(ex.map(abs, items, timeout=120))), repeats),
-    )
+    for name, values in figures.items():
+        thru.add(name, Stats(tuple(values)))
+    thru.note = PREFETCH_NOTE
     trip = Table("Single-task round trip", "us", higher_is_better=False, baseline="raw pyzmq floor")
     trip.add(
         "raw pyzmq floor",
@@ -259,7 +280,7 @@ def _peer_rows(repeats: int, thru: Table, trip: Table, cold: Table) -> None:
     if skipped:
         note += f" Skipped: {', '.join(skipped)}."
     for table in tables.values():
-        table.note = note
+        table.note = f"{table.note} {note}".strip()
 
 
 def _cold_start() -> float:
@@ -290,11 +311,15 @@ def run(repeats: int) -> list[Table]:
     sync.start()
     floor = _Floor()
     try:
-        with Manager(processes=WORKERS) as mgr, Manager(processes=WORKERS, lane=False) as tcp:
+        with (
+            Manager(processes=WORKERS) as mgr,
+            Manager(processes=WORKERS, lane=False) as tcp,
+            Manager(processes=WORKERS, prefetch=PREFETCH) as pre,
+        ):
             # the nodes' task processes start in the background: wait for them to serve
-            for m in (mgr, tcp):
+            for m in (mgr, tcp, pre):
                 list(m.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
-            tables = _dict_table(repeats, mgr, sync, tcp) + _task_tables(repeats, mgr, floor)
+            tables = _dict_table(repeats, mgr, sync, tcp) + _task_tables(repeats, mgr, floor, pre)
     finally:
         floor.close()
         sync.shutdown()
@@ -320,9 +345,13 @@ def run_tasks(repeats: int) -> list[Table]:
     """Measure only fabric's task tables against the raw floor (no peers), for quick iterations."""
     floor = _Floor()
     try:
-        with Manager(processes=WORKERS) as mgr:
-            list(mgr.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
-            return _task_tables(repeats, mgr, floor)
+        with (
+            Manager(processes=WORKERS) as mgr,
+            Manager(processes=WORKERS, prefetch=PREFETCH) as pre,
+        ):
+            for m in (mgr, pre):
+                list(m.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
+            return _task_tables(repeats, mgr, floor, pre)
     finally:
         floor.close()
 

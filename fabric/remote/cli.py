@@ -52,8 +52,8 @@ def register(subparsers: Any) -> None:
         default=0,
         metavar="N",
         help="tasks to hold beyond the free task processes, so each starts its next task "
-        "without waiting for the broker (default 0: short tasks run faster with 2-4, "
-        "but held tasks wait here while other nodes may be idle)",
+        "without waiting for the broker (default 0; a few per process speed up many short "
+        "tasks, but held tasks wait here while other nodes may be idle)",
     )
     worker.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
     worker.set_defaults(func=run_worker)
