@@ -441,11 +441,7 @@ class Broker:
         # what is already waiting never delays a message
         waiting: dict[bytes, list[p.Message]] = {}
         for session_id, message in sessions.outbox:
-            group = waiting.get(session_id)
-            if group is None:
-                waiting[session_id] = [message]
-            else:
-                group.append(message)
+            waiting.setdefault(session_id, []).append(message)
         sessions.outbox.clear()
         for session_id, messages in waiting.items():
             session = by_id.get(session_id)
@@ -459,7 +455,7 @@ class Broker:
         self._send_frames(router, route, p.encode(message), 1)
 
     def _send_frames(
-        self, router: zmq.Socket[bytes], route: bytes, frames: list[Any], count: int
+        self, router: zmq.Socket[bytes], route: bytes, frames: list[Any], n: int
     ) -> None:
         *parts, last = frames
         try:
@@ -468,7 +464,7 @@ class Broker:
                 router.send(part, _MORE, copy=len(part) < _ZERO_COPY)
             router.send(last, _NOBLOCK, copy=len(last) < _ZERO_COPY)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (peer not reading)
-            log.info("dropped %d messages to a peer that cannot take them: %s", count, exc)
+            log.info("dropped %d messages to a peer that cannot take them: %s", n, exc)
 
     def _tick(self, now: float) -> None:
         if not self._done_samples or now - self._done_samples[-1][0] >= 0.25:
