@@ -5,15 +5,17 @@ ZeroMQ sockets are not thread-safe, so every use of the socket happens under
 per call). One thread at a time, the *receiver* (``_receiver``), sleeps on the
 socket's readiness fd (``zmq.FD``, which can be watched without touching the
 socket), drains the socket and resolves what came back. A thread waiting for
-its reply takes that role itself if it is free (see ``Connection``); the I/O
-thread takes it when something else is awaited (task results, and for
-``TASK_LINGER_S`` after the last submit, host jobs, calls of threads that are
-not receiving, a WELCOME) and otherwise sleeps on
+its reply, or blocked in a task future's ``result()``, takes that role itself if
+it is free (see ``Connection``); the I/O thread takes it when something else is
+awaited (task results while no caller waits on one, and for ``TASK_LINGER_S``
+after the last submit, host jobs, calls of threads that are not receiving, a
+WELCOME) and otherwise sleeps on
 its wake-up pipe and timers only, draining the socket at each timer tick.
 ``zmq.FD`` is edge-triggered and any socket call may consume its edge, so
 whoever used the socket checks ``zmq.EVENTS`` before letting go and, if input
 is pending, pokes the receiver through ``_input_r``. Task-result callbacks run
-on the I/O thread outside the lock (a receiving caller hands them over).
+on the I/O thread outside the lock (a receiving caller hands them over, but
+one awaiting a task result runs them itself).
 Everything the broker has not acknowledged is re-sent on every new session.
 """
 
@@ -100,6 +102,7 @@ class ClientIO(ABC):
         self._receiver = threading.Lock()  # held by the one thread watching the socket
         self._watching = False  # the I/O thread is the receiver (guarded by _lock)
         self._tasks_at = 0.0  # when the last task was submitted (guarded by _lock)
+        self._task_waiters = 0  # callers receiving for their own task results (guarded by _lock)
         self._chores_at = 0.0  # the chores are due again (I/O thread only)
         self._poller, self._polled = select.poll(), ()  # the I/O thread's, and what it watches
         self._handoff: list[Callable[[], None]] = []  # callbacks a receiving caller got
@@ -319,13 +322,13 @@ class ClientIO(ABC):
         """Take the receiver role if something must be watched for; return whether taken."""
         receiver = self._receiver.acquire(blocking=False)
         with self._lock:  # decided and published at once: submit() reads it under _lock
-            self._watching = receiver and bool(
-                self._tasks
-                or self._calls
+            tasks = bool(self._tasks) or time.monotonic() - self._tasks_at < TASK_LINGER_S
+            self._watching = receiver and (
+                (tasks and not self._task_waiters)  # a caller awaiting a result receives itself
+                or bool(self._calls)
                 or self._hosting
                 or self._closing
                 or not self._link.ready
-                or time.monotonic() - self._tasks_at < TASK_LINGER_S
             )
             watch = self._watching
         if receiver and not watch:

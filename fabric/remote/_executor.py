@@ -1,7 +1,8 @@
 """The cluster executor: a concurrent.futures.Executor whose tasks run on worker nodes.
 
 Futures are real ``concurrent.futures.Future`` objects, so ``as_completed``,
-``wait`` and ``asyncio.wrap_future`` work. A future can be cancelled until its
+``wait`` and ``asyncio.wrap_future`` work; their ``result()`` and
+``exception()`` receive the result in the waiting thread (one thread hop less). A future can be cancelled until its
 result arrives: a queued task is dropped by the broker, a running one is
 stopped on its node. Task ids are chosen here (a counter of the connection's
 session), so re-sent SUBMITs are never queued twice.
@@ -47,6 +48,32 @@ def _batched(items: Iterable[T], n: int) -> Iterator[tuple[T, ...]]:
         yield batch
 
 
+class _TaskFuture(cf.Future[T]):
+    """A task's Future whose ``result()``/``exception()`` receive in the waiting thread."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__()
+        self._conn = conn
+        self._poking = False
+
+    def result(self, timeout: float | None = None) -> T:
+        return super().result(self._receive(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._receive(timeout))
+
+    def _receive(self, timeout: float | None) -> float | None:
+        """Receive for this future up to ``timeout``; return what is left of it."""
+        if self.done():
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._poking:  # once: settling wakes this thread if it sleeps on the socket
+            self._poking = True
+            self.add_done_callback(self._conn.poke_receiver)
+        self._conn.await_task(self, timeout)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 class Executor(cf.Executor):
     """Run calls on the cluster's worker nodes (see the module docstring).
 
@@ -77,7 +104,7 @@ class Executor(cf.Executor):
 
     def _submit_payloads(self, payloads: list[bytes]) -> list[cf.Future[Any]]:
         """Submit pickled tasks in order, as one batch for the connection; return their futures."""
-        futures: list[cf.Future[Any]] = [cf.Future() for _ in payloads]
+        futures: list[cf.Future[Any]] = [_TaskFuture(self._conn) for _ in payloads]
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

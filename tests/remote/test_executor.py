@@ -40,7 +40,7 @@ def test_submit_map_and_as_completed(cluster: Cluster) -> None:
     with cluster.manager().Executor() as ex:
         assert isinstance(ex, cf.Executor)
         futures = [ex.submit(pow, 2, i) for i in range(8)]
-        assert all(type(f) is cf.Future for f in futures)
+        assert all(isinstance(f, cf.Future) for f in futures)
         assert sorted(f.result() for f in cf.as_completed(futures, timeout=60)) == [
             2**i for i in range(8)
         ]
