@@ -77,6 +77,7 @@ class Connection(ClientIO):
             hosting=host is not None,
         )
         self._local = local
+        self._awaiting = threading.local()  # the future a thread receives for (await_task)
         self._seq = itertools.count(1)
         self._host = host
         self._host_jobs: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
@@ -157,10 +158,10 @@ class Connection(ClientIO):
                 message = Submit(task=task, requires=requires or {}, payload=(payload,))
                 self._tasks.add(message, on_result)
                 messages.append(message)
-            self._tasks_at = time.monotonic()
-            watching = self._watching
+            self._tasks_at = now = time.monotonic()
+            wake = self._must_wake_for_tasks(now)
         self._send_all_or_queue(messages)
-        if not watching:
+        if wake:
             self._wake()  # the I/O thread must watch for the results
 
     def await_task(self, future: cf.Future[Any], timeout: float | None) -> None:
@@ -176,6 +177,7 @@ class Connection(ClientIO):
             return  # a result callback waiting on another task: the I/O thread must not block
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
+        self._awaiting.future = future  # settling it here needs no poke
         with self._lock:
             self._task_waiters += 1
             watching = self._watching
@@ -198,17 +200,20 @@ class Connection(ClientIO):
                 for callback in callbacks or ():
                     callback()
         finally:
+            self._awaiting.future = None
             with self._lock:
                 self._task_waiters -= 1
+                self._waited_at = time.monotonic()
                 # a DONE batch started here: the I/O thread's timer must know of it
                 sooner = self._tasks.next_due(time.monotonic()) < due
             if sooner:
                 self._wake()
             self._hand_back()
 
-    def poke_receiver(self, _future: object = None) -> None:
+    def poke_receiver(self, future: object = None) -> None:
         """Wake whichever thread receives (a waited-on future settled; a done callback)."""
-        self._poke_receiver()
+        if getattr(self._awaiting, "future", None) is not future:  # not this thread's own
+            self._poke_receiver()
 
     def _receive_once(self, pause: float) -> list[Callable[[], None]] | None:
         """Sleep up to ``pause`` on the socket, then drain it; None if the link is down."""

@@ -2,10 +2,10 @@
 
 Futures are real ``concurrent.futures.Future`` objects, so ``as_completed``,
 ``wait`` and ``asyncio.wrap_future`` work; their ``result()`` and
-``exception()`` receive the result in the waiting thread (one thread hop less). A future can be cancelled until its
-result arrives: a queued task is dropped by the broker, a running one is
-stopped on its node. Task ids are chosen here (a counter of the connection's
-session), so re-sent SUBMITs are never queued twice.
+``exception()`` receive the result in the waiting thread (one thread hop less).
+A future can be cancelled until its result arrives: a queued task is dropped by
+the broker, a running one is stopped on its node. Task ids are chosen here (a
+counter of the connection's session), so re-sent SUBMITs are never queued twice.
 """
 
 from __future__ import annotations
