@@ -191,8 +191,8 @@ class Connection(ClientIO):
                     return
                 if not self._receiver.acquire(timeout=pause):
                     continue
-                try:
-                    callbacks = self._receive_once(pause)
+                try:  # (another receiver may have settled it meanwhile)
+                    callbacks = [] if future.done() else self._receive_once(pause)
                 finally:
                     self._receiver.release()
                 if callbacks is None:  # the link is down: the I/O thread reconnects
