@@ -167,24 +167,27 @@ class Connection(ClientIO):
     def await_task(self, future: cf.Future[Any], timeout: float | None) -> None:
         """Receive in this thread until ``future`` is settled or ``timeout`` passes.
 
-        A caller blocked on a task's result takes the receiver role (the I/O
-        thread lets it go while a caller waits) and runs the result callbacks
-        itself: the result wakes the caller and nobody else. If another thread
-        receives, the caller waits on its future (whose settling should call
-        ``poke_receiver``: the caller may be the receiver, asleep on the socket).
+        Unless the I/O thread is watching for task results (then return at
+        once: the caller waits on its future), a caller blocked on a task's
+        result takes the receiver role and runs the result callbacks itself:
+        the result wakes the caller and nobody else. If another thread receives
+        meanwhile, the caller waits for the role; settling its future pokes
+        the receiver, which may be the caller asleep on the socket.
         """
         if threading.current_thread() is self._threads[0] or future.done():
             return  # a result callback waiting on another task: the I/O thread must not block
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
-        self._awaiting.future = future  # settling it here needs no poke
         with self._lock:
+            if self._watching:
+                if len(self._tasks) == 1:  # one task at a time: leave the next ones to callers
+                    self._waited_at = now
+                return
             self._task_waiters += 1
-            watching = self._watching
             due = self._tasks.next_due(now)
+        self._awaiting.future = future  # settling it here needs no poke
+        future.add_done_callback(self.poke_receiver)
         try:
-            if watching:
-                self._wake()  # the I/O thread lets the receiver role go
             while not future.done() and self._fatal is None and not self._closing:
                 pause = RETRY_S if deadline is None else min(RETRY_S, deadline - time.monotonic())
                 if pause <= 0:
@@ -210,7 +213,7 @@ class Connection(ClientIO):
                 self._wake()
             self._hand_back()
 
-    def poke_receiver(self, future: object = None) -> None:
+    def poke_receiver(self, future: object) -> None:
         """Wake whichever thread receives (a waited-on future settled; a done callback)."""
         if getattr(self._awaiting, "future", None) is not future:  # not this thread's own
             self._poke_receiver()

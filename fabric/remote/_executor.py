@@ -54,7 +54,6 @@ class _TaskFuture(cf.Future[T]):
     def __init__(self, conn: Connection) -> None:
         super().__init__()
         self._conn = conn
-        self._poking = False
 
     def result(self, timeout: float | None = None) -> T:
         return super().result(self._receive(timeout))
@@ -67,9 +66,6 @@ class _TaskFuture(cf.Future[T]):
         if self.done():
             return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._poking:  # once: settling wakes this thread if it sleeps on the socket
-            self._poking = True
-            self.add_done_callback(self._conn.poke_receiver)
         self._conn.await_task(self, timeout)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
