@@ -49,6 +49,8 @@ TASK_LINGER_S = 0.1
 # chores (heartbeats, held-back tasks, DONE batches) are looked at this often at most
 # while nothing is queued to send: far finer than any of their own clocks
 CHORES_S = 0.005
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+ZMQ_FD = int(zmq.FD)  # (plain ints: getsockopt's enum wrapping costs more than the call)
 # a caller that awaited a result lately (within TASK_LINGER_S) is left this long after each
 # submit to come back for its result and receive it itself; the I/O thread, which then looks
 # at least this often, takes over from callers that do not
@@ -208,7 +210,7 @@ class ClientIO(ABC):
 
     def _input_pending(self) -> bool:
         sock = self._link.socket
-        return sock is not None and bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+        return sock is not None and bool(cast(int, sock.get(_EVENTS)) & _POLLIN)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # closed during shutdown
@@ -303,7 +305,7 @@ class ClientIO(ABC):
         try:
             with self._sock_lock:
                 sock = self._link.socket
-                fd = cast(int, sock.getsockopt(zmq.FD)) if watching and sock else None
+                fd = cast(int, sock.get(ZMQ_FD)) if watching and sock else None
                 ready = watching and self._input_pending()
             poller = self._poller_for((self._input_r,) if watching else (), fd)
             events = dict(poller.poll(0 if ready else max(0, int(timeout * 1000)) + 1))

@@ -26,8 +26,6 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-import zmq
-
 from fabric.broker.protocol import (
     Ack,
     Call,
@@ -42,7 +40,7 @@ from fabric.broker.protocol import (
 )
 from fabric.errors import BrokerUnavailable
 from fabric.remote._client_calls import LocalBroker, PendingCall, check_host_runtime
-from fabric.remote._client_io import RETRY_S, ClientIO
+from fabric.remote._client_io import RETRY_S, ZMQ_FD, ClientIO
 from fabric.remote._client_tasks import ResultCallback
 from fabric.remote._host import RUNTIME, TICK, ObjectHost
 from fabric.remote._link import LinkRefused, Runtime
@@ -224,7 +222,7 @@ class Connection(ClientIO):
             sock = self._link.socket
             if sock is None or not self._link.ready:
                 return None
-            fd = cast(int, sock.getsockopt(zmq.FD))
+            fd = cast(int, sock.get(ZMQ_FD))
             ready = self._input_pending()
         if not ready:
             self._sleep_on(fd, pause)
@@ -303,7 +301,7 @@ class Connection(ClientIO):
                 sock = self._link.socket
                 if sock is None or not self._link.ready:
                     return
-                fd = cast(int, sock.getsockopt(zmq.FD))
+                fd = cast(int, sock.get(ZMQ_FD))
                 ready = self._input_pending()
             if not ready:
                 self._sleep_on(fd, RETRY_S)
