@@ -5,15 +5,17 @@ ZeroMQ sockets are not thread-safe, so every use of the socket happens under
 per call). One thread at a time, the *receiver* (``_receiver``), sleeps on the
 socket's readiness fd (``zmq.FD``, which can be watched without touching the
 socket), drains the socket and resolves what came back. A thread waiting for
-its reply takes that role itself if it is free (see ``Connection``); the I/O
-thread takes it when something else is awaited (task results, and for
-``TASK_LINGER_S`` after the last submit, host jobs, calls of threads that are
-not receiving, a WELCOME) and otherwise sleeps on
+its reply, or blocked in a task future's ``result()``, takes that role itself if
+it is free (see ``Connection``); the I/O thread takes it when something else is
+awaited (task results while no caller waits on one, and for ``TASK_LINGER_S``
+after the last submit, host jobs, calls of threads that are not receiving, a
+WELCOME) and otherwise sleeps on
 its wake-up pipe and timers only, draining the socket at each timer tick.
 ``zmq.FD`` is edge-triggered and any socket call may consume its edge, so
 whoever used the socket checks ``zmq.EVENTS`` before letting go and, if input
 is pending, pokes the receiver through ``_input_r``. Task-result callbacks run
-on the I/O thread outside the lock (a receiving caller hands them over).
+on the I/O thread outside the lock (a receiving caller hands them over, but
+one awaiting a task result runs them itself).
 Everything the broker has not acknowledged is re-sent on every new session.
 """
 
@@ -47,6 +49,10 @@ TASK_LINGER_S = 0.1
 # chores (heartbeats, held-back tasks, DONE batches) are looked at this often at most
 # while nothing is queued to send: far finer than any of their own clocks
 CHORES_S = 0.005
+# a caller that awaited a result lately (within TASK_LINGER_S) is left this long after each
+# submit to come back for its result and receive it itself; the I/O thread, which then looks
+# at least this often, takes over from callers that do not
+TASK_GRACE_S = 0.005
 
 
 class ClientIO(ABC):
@@ -100,6 +106,9 @@ class ClientIO(ABC):
         self._receiver = threading.Lock()  # held by the one thread watching the socket
         self._watching = False  # the I/O thread is the receiver (guarded by _lock)
         self._tasks_at = 0.0  # when the last task was submitted (guarded by _lock)
+        self._task_waiters = 0  # callers receiving for their own task results (guarded by _lock)
+        self._waited_at = -TASK_LINGER_S  # when a caller last stopped awaiting one (ditto)
+        self._sleep_until = 0.0  # when the I/O thread looks again at the latest (ditto)
         self._chores_at = 0.0  # the chores are due again (I/O thread only)
         self._poller, self._polled = select.poll(), ()  # the I/O thread's, and what it watches
         self._handoff: list[Callable[[], None]] = []  # callbacks a receiving caller got
@@ -257,8 +266,29 @@ class ClientIO(ABC):
         while not self._closing:
             now = time.monotonic()
             with self._lock:
-                due = self._tasks.next_due(now)
-            self._turn(min(self._link.next_tick(now), due - now))
+                timeout = min(self._link.next_tick(now), self._tasks.next_due(now) - now)
+                if now - self._waited_at < TASK_LINGER_S:
+                    timeout = min(timeout, TASK_GRACE_S)  # see _callers_receive
+                self._sleep_until = now + timeout
+            self._turn(timeout)
+
+    def _callers_receive(self, now: float) -> bool:
+        """Whether callers receive the task results (under ``_lock``).
+
+        So while one awaits a result, and for ``TASK_GRACE_S`` after a submit if
+        one did lately: a caller submitting one task after another's result
+        wakes nobody. The I/O thread then looks every ``TASK_GRACE_S`` at most,
+        so a result nobody awaits is received by it that much later at worst.
+        """
+        if self._task_waiters:
+            return True
+        return now - self._waited_at < TASK_LINGER_S and now - self._tasks_at < TASK_GRACE_S
+
+    def _must_wake_for_tasks(self, now: float) -> bool:
+        """Whether a submit must wake the I/O thread to watch (under ``_lock``)."""
+        return not self._watching and (
+            not self._callers_receive(now) or self._sleep_until > now + TASK_GRACE_S
+        )
 
     def _turn(self, timeout: float) -> None:
         """Sleep until input, a wake-up or ``timeout``; then do all the socket work due.
@@ -319,13 +349,14 @@ class ClientIO(ABC):
         """Take the receiver role if something must be watched for; return whether taken."""
         receiver = self._receiver.acquire(blocking=False)
         with self._lock:  # decided and published at once: submit() reads it under _lock
-            self._watching = receiver and bool(
-                self._tasks
-                or self._calls
+            now = time.monotonic()
+            tasks = bool(self._tasks) or now - self._tasks_at < TASK_LINGER_S
+            self._watching = receiver and (
+                (tasks and not self._callers_receive(now))
+                or bool(self._calls)
                 or self._hosting
                 or self._closing
                 or not self._link.ready
-                or time.monotonic() - self._tasks_at < TASK_LINGER_S
             )
             watch = self._watching
         if receiver and not watch:

@@ -52,6 +52,10 @@ class TaskBook:
         """Return whether any task awaits its result."""
         return bool(self._tasks)
 
+    def __len__(self) -> int:
+        """Return how many tasks await their result."""
+        return len(self._tasks)
+
     def new_id(self) -> bytes:
         """Return a task id never used before in this session (safe without the lock).
 

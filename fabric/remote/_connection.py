@@ -17,13 +17,14 @@ blocks (or calls other shared objects) never stalls the I/O thread.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import zmq
 
@@ -76,6 +77,7 @@ class Connection(ClientIO):
             hosting=host is not None,
         )
         self._local = local
+        self._awaiting = threading.local()  # the future a thread receives for (await_task)
         self._seq = itertools.count(1)
         self._host = host
         self._host_jobs: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
@@ -156,11 +158,82 @@ class Connection(ClientIO):
                 message = Submit(task=task, requires=requires or {}, payload=(payload,))
                 self._tasks.add(message, on_result)
                 messages.append(message)
-            self._tasks_at = time.monotonic()
-            watching = self._watching
+            self._tasks_at = now = time.monotonic()
+            wake = self._must_wake_for_tasks(now)
         self._send_all_or_queue(messages)
-        if not watching:
+        if wake:
             self._wake()  # the I/O thread must watch for the results
+
+    def await_task(self, future: cf.Future[Any], timeout: float | None) -> None:
+        """Receive in this thread until ``future`` is settled or ``timeout`` passes.
+
+        Unless the I/O thread is watching for task results (then return at
+        once: the caller waits on its future), a caller blocked on a task's
+        result takes the receiver role and runs the result callbacks itself:
+        the result wakes the caller and nobody else. If another thread receives
+        meanwhile, the caller waits for the role; settling its future pokes
+        the receiver, which may be the caller asleep on the socket.
+        """
+        if threading.current_thread() is self._threads[0] or future.done():
+            return  # a result callback waiting on another task: the I/O thread must not block
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        with self._lock:
+            if self._watching:
+                if len(self._tasks) == 1:  # one task at a time: leave the next ones to callers
+                    self._waited_at = now
+                return
+            self._task_waiters += 1
+            due = self._tasks.next_due(now)
+        self._awaiting.future = future  # settling it here needs no poke
+        future.add_done_callback(self.poke_receiver)
+        try:
+            while not future.done() and self._fatal is None and not self._closing:
+                pause = RETRY_S if deadline is None else min(RETRY_S, deadline - time.monotonic())
+                if pause <= 0:
+                    return
+                if not self._receiver.acquire(timeout=pause):
+                    continue
+                try:  # (another receiver may have settled it meanwhile)
+                    callbacks = [] if future.done() else self._receive_once(pause)
+                finally:
+                    self._receiver.release()
+                if callbacks is None:  # the link is down: the I/O thread reconnects
+                    cf.wait([future], pause)
+                for callback in callbacks or ():
+                    callback()
+        finally:
+            self._awaiting.future = None
+            with self._lock:
+                self._task_waiters -= 1
+                self._waited_at = time.monotonic()
+                # a DONE batch started here: the I/O thread's timer must know of it
+                sooner = self._tasks.next_due(time.monotonic()) < due
+            if sooner:
+                self._wake()
+            self._hand_back()
+
+    def poke_receiver(self, future: object) -> None:
+        """Wake whichever thread receives (a waited-on future settled; a done callback)."""
+        if getattr(self._awaiting, "future", None) is not future:  # not this thread's own
+            self._poke_receiver()
+
+    def _receive_once(self, pause: float) -> list[Callable[[], None]] | None:
+        """Sleep up to ``pause`` on the socket, then drain it; None if the link is down."""
+        with self._sock_lock:
+            sock = self._link.socket
+            if sock is None or not self._link.ready:
+                return None
+            fd = cast(int, sock.getsockopt(zmq.FD))
+            ready = self._input_pending()
+        if not ready:
+            self._sleep_on(fd, pause)
+        try:
+            return self._receive()
+        except LinkRefused as refused:
+            self._refused = refused  # the I/O thread ends the session
+            self._wake()
+            return None
 
     def cancel(self, task: bytes) -> None:
         """Ask the broker to cancel a task (its RESULT says whether it was)."""

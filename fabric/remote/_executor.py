@@ -1,10 +1,11 @@
 """The cluster executor: a concurrent.futures.Executor whose tasks run on worker nodes.
 
 Futures are real ``concurrent.futures.Future`` objects, so ``as_completed``,
-``wait`` and ``asyncio.wrap_future`` work. A future can be cancelled until its
-result arrives: a queued task is dropped by the broker, a running one is
-stopped on its node. Task ids are chosen here (a counter of the connection's
-session), so re-sent SUBMITs are never queued twice.
+``wait`` and ``asyncio.wrap_future`` work; their ``result()`` and
+``exception()`` receive the result in the waiting thread (one thread hop less).
+A future can be cancelled until its result arrives: a queued task is dropped by
+the broker, a running one is stopped on its node. Task ids are chosen here (a
+counter of the connection's session), so re-sent SUBMITs are never queued twice.
 """
 
 from __future__ import annotations
@@ -47,6 +48,28 @@ def _batched(items: Iterable[T], n: int) -> Iterator[tuple[T, ...]]:
         yield batch
 
 
+class _TaskFuture(cf.Future[T]):
+    """A task's Future whose ``result()``/``exception()`` receive in the waiting thread."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def result(self, timeout: float | None = None) -> T:
+        return super().result(self._receive(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._receive(timeout))
+
+    def _receive(self, timeout: float | None) -> float | None:
+        """Receive for this future up to ``timeout``; return what is left of it."""
+        if self.done():
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._conn.await_task(self, timeout)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 class Executor(cf.Executor):
     """Run calls on the cluster's worker nodes (see the module docstring).
 
@@ -77,7 +100,7 @@ class Executor(cf.Executor):
 
     def _submit_payloads(self, payloads: list[bytes]) -> list[cf.Future[Any]]:
         """Submit pickled tasks in order, as one batch for the connection; return their futures."""
-        futures: list[cf.Future[Any]] = [cf.Future() for _ in payloads]
+        futures: list[cf.Future[Any]] = [_TaskFuture(self._conn) for _ in payloads]
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

@@ -40,7 +40,7 @@ def test_submit_map_and_as_completed(cluster: Cluster) -> None:
     with cluster.manager().Executor() as ex:
         assert isinstance(ex, cf.Executor)
         futures = [ex.submit(pow, 2, i) for i in range(8)]
-        assert all(type(f) is cf.Future for f in futures)
+        assert all(isinstance(f, cf.Future) for f in futures)
         assert sorted(f.result() for f in cf.as_completed(futures, timeout=60)) == [
             2**i for i in range(8)
         ]
@@ -152,3 +152,26 @@ def test_a_busy_broker_pushes_back_and_every_task_still_runs(keydir: Path) -> No
         assert busy.broker.statistics().tasks.rejected_busy > 0
     finally:
         busy.close()
+
+
+def test_results_reach_waiting_threads_and_callbacks_alike(cluster: Cluster) -> None:
+    # callers blocked in result() receive for themselves; results nobody blocks on (a
+    # submit right after a result(), awaited through cf.wait) still come through
+    cluster.node(processes=2)
+    with cluster.manager().Executor() as ex:
+        assert ex.submit(pow, 2, 3).result(timeout=60) == 8
+        later = ex.submit(pow, 2, 4)
+        done, _ = cf.wait([later], timeout=60)
+        assert done == {later} and later.result(timeout=0) == 16
+        assert ex.submit(abs, -1).exception(timeout=60) is None
+        results: list[int] = []
+
+        def wait_for(i: int) -> None:
+            results.append(ex.submit(pow, 2, i).result(timeout=60))
+
+        threads = [threading.Thread(target=wait_for, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        assert sorted(results) == [2**i for i in range(6)]
