@@ -18,7 +18,9 @@ order (big payloads are never copied into the control frame).
 
 A sender batches only what is already waiting to go (never waits to fill a
 batch); a receiver takes the entries in order, exactly as if each had come
-alone. ``encode_many`` and ``decode_many`` speak both forms.
+alone. A lone message with a small payload travels as a one-entry BATCH
+(``encode_alone``): one frame instead of two, so one CURVE box and one send.
+``encode_many`` and ``decode_many`` speak both forms.
 
 The 4-byte fixed header carries the protocol version and the message type in
 every message, so a peer of another version is recognised from any message,
@@ -192,6 +194,9 @@ _RULES: dict[type[Message], Callable[[Any], None]] = {
 
 # --- per-message codecs, generated once from the dataclasses --------------------------
 
+_BATCH_HEADER = MAGIC + bytes((VERSION, BATCH))
+_pack = msgpack.Packer(use_bin_type=True).pack
+
 _Decoder = Callable[[dict[str, Any], Payload], Message]
 _Encoder = Callable[[Any], list[Buffer]]
 
@@ -203,6 +208,7 @@ class _Codec:
     has_payload: bool
     decode: _Decoder
     encode: _Encoder
+    alone: _Encoder
     fields: Callable[[Any], dict[str, Any]]
 
 
@@ -217,7 +223,10 @@ def _codec(cls: type[Message]) -> _Codec:
     env: dict[str, Any] = {
         "cls": cls,
         "header": header,
+        "alone_header": MAGIC + bytes((VERSION, BATCH, 0x91, 0x93, cls.TYPE)),
+        "INLINE_BYTES": INLINE_BYTES,
         "packb": msgpack.packb,
+        "pack": _pack,
         "MISSING": dataclasses.MISSING,
         "ProtocolError": ProtocolError,
         "rule": _RULES.get(cls),
@@ -251,8 +260,17 @@ def _codec(cls: type[Message]) -> _Codec:
     tail = ", *m.payload" if has_payload else ""
     lines += ["def encode(m):", f"    return [header + {control}{tail}]"]
     lines += ["def fields(m):", "    return {" + ", ".join(keys) + "}"]
+    lines += ["def alone(m):"]
+    if has_payload:  # a small payload rides in frame 0: a one-entry BATCH, one frame in all
+        lines += [
+            "    payload = m.payload",
+            "    if payload and sum(map(len, payload)) <= INLINE_BYTES:",
+            "        return [alone_header + pack({" + ", ".join(keys) + "}) + pack(payload)]",
+        ]
+    lines += [f"    return [header + {control}{tail}]"]
     exec("\n".join(lines), env)  # the source is built above from our own dataclasses
-    return _Codec(cls, header, has_payload, env["decode"], env["encode"], env["fields"])
+    codec = env["decode"], env["encode"], env["alone"], env["fields"]
+    return _Codec(cls, header, has_payload, *codec)
 
 
 _BY_TYPE: dict[int, _Codec] = {cls.TYPE: _codec(cls) for cls in MESSAGES}
@@ -264,8 +282,14 @@ def encode(message: Message) -> list[Buffer]:
     return _BY_CLASS[type(message)].encode(message)
 
 
-_BATCH_HEADER = MAGIC + bytes((VERSION, BATCH))
-_pack = msgpack.Packer(use_bin_type=True).pack
+def encode_alone(message: Message) -> list[Buffer]:
+    """Turn a message that travels alone into the fewest frames: ``decode_many`` reads them.
+
+    A payload of up to ``INLINE_BYTES`` in all rides in the control frame as a
+    one-entry BATCH (one frame, one CURVE box, one send instead of two); any
+    other message takes the plain form of :func:`encode`.
+    """
+    return _BY_CLASS[type(message)].alone(message)
 
 
 def encode_many(messages: Sequence[Message]) -> list[list[Buffer]]:
@@ -277,7 +301,7 @@ def encode_many(messages: Sequence[Message]) -> list[list[Buffer]]:
     inside the batch's control frame, bigger ones as frames of their own.
     """
     if len(messages) == 1:  # the common case when idle: no entry to pack
-        return [encode(messages[0])]
+        return [encode_alone(messages[0])]
     out: list[list[Buffer]] = []
     chunk: list[tuple[Message, bytes, Payload]] = []
     size = 0
@@ -302,8 +326,8 @@ def _entry(message: Message) -> tuple[Message, bytes, Payload]:
 
 
 def _batch(chunk: list[tuple[Message, bytes, Payload]]) -> list[Buffer]:
-    if len(chunk) == 1:  # alone: the plain form
-        return encode(chunk[0][0])
+    if len(chunk) == 1:
+        return encode_alone(chunk[0][0])
     count = len(chunk)
     array = bytes((0x90 | count,)) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
     frames: list[Buffer] = [_BATCH_HEADER + array + b"".join(packed for _, packed, _ in chunk)]
@@ -321,8 +345,8 @@ def decode_many(frames: Sequence[Buffer]) -> list[Message]:
         return [decode(frames)]
     head = _header(frames[0])
     entries = _unpack(head[4:], list)
-    if not 1 < len(entries) <= MAX_BATCH:
-        raise ProtocolError(f"a batch holds 2 to {MAX_BATCH} messages, not {len(entries)}")
+    if not 0 < len(entries) <= MAX_BATCH:
+        raise ProtocolError(f"a batch holds 1 to {MAX_BATCH} messages, not {len(entries)}")
     out: list[Message] = []
     at = 1
     for entry in entries:

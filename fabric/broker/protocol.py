@@ -21,6 +21,7 @@ from fabric.broker._codec import (
     decode,
     decode_many,
     encode,
+    encode_alone,
     encode_many,
 )
 from fabric.broker._codec import MAX_ID_BYTES as MAX_ID_BYTES
@@ -91,5 +92,6 @@ __all__ = [
     "decode",
     "decode_many",
     "encode",
+    "encode_alone",
     "encode_many",
 ]

@@ -35,7 +35,7 @@ from fabric.broker.protocol import (
     Refuse,
     Welcome,
     decode_many,
-    encode,
+    encode_alone,
     encode_many,
 )
 from fabric.errors import AuthenticationError, ProtocolError, VersionMismatchError
@@ -140,7 +140,7 @@ class Link:
         return len(messages)
 
     def _send(self, message: Message) -> bool:
-        return self._send_frames(encode(message))
+        return self._send_frames(encode_alone(message))
 
     def _send_frames(self, frames: list[bytes | bytearray | memoryview]) -> bool:
         assert self.socket is not None

@@ -177,10 +177,28 @@ def test_messages_round_trip_through_batches_in_order(batch: list[p.Message]) ->
     assert decoded == batch
 
 
-def test_a_lone_message_goes_in_the_plain_form() -> None:
-    message = p.Dispatch(b"t", 1, (b"call",))
-    assert p.encode_many([message]) == [p.encode(message)]
-    assert p.decode_many(p.encode(message)) == [message]
+def test_a_lone_message_with_a_small_payload_travels_as_one_frame() -> None:
+    message = p.Dispatch(b"t", 1, (b"call", b"buffer"))
+    (frames,) = p.encode_many([message])
+    assert frames == p.encode_alone(message) and len(frames) == 1  # a one-entry BATCH
+    assert frames[0][3] == p.BATCH and p.decode_many(frames) == [message]
+    assert p.decode_many(p.encode(message)) == [message]  # the plain form still decodes
+
+
+@pytest.mark.parametrize(
+    "message",
+    [p.Credit(1), p.Dispatch(b"t", 1), p.Dispatch(b"t", 1, (b"x" * (p.INLINE_BYTES + 1),))],
+)
+def test_a_lone_message_without_a_small_payload_goes_in_the_plain_form(
+    message: p.Message,
+) -> None:
+    assert p.encode_many([message]) == [p.encode_alone(message)] == [p.encode(message)]
+
+
+@given(messages)
+def test_every_message_round_trips_alone(message: p.Message) -> None:
+    frames = [bytes(frame) for frame in p.encode_alone(message)]
+    assert p.decode_many(frames) == [message]
 
 
 def test_small_payloads_travel_inline_and_big_ones_as_frames() -> None:
@@ -207,8 +225,8 @@ def _batch(entries: object, *payload: bytes) -> list[bytes]:
 @pytest.mark.parametrize(
     ("frames", "match"),
     [
-        (_batch([[p.Credit.TYPE, {"n": 1}, 0]]), "2 to"),
-        (_batch([[p.Credit.TYPE, {"n": 1}, 0]] * (p.MAX_BATCH + 1)), "2 to"),
+        (_batch([]), "1 to"),
+        (_batch([[p.Credit.TYPE, {"n": 1}, 0]] * (p.MAX_BATCH + 1)), "1 to"),
         (_batch({"n": 1}), "not a msgpack array"),
         (_batch([[p.Credit.TYPE, {"n": 1}, 0], [p.Credit.TYPE, {"n": 1}]]), "not \\[type"),
         (_batch([[p.Credit.TYPE, {"n": 1}, 0], [p.BATCH, {}, 0]]), "unknown message type"),
