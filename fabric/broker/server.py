@@ -98,17 +98,21 @@ class Broker:
         max_sessions: int = 10_000,
         max_message_bytes: int = 1 << 30,
         insecure: bool = False,
+        also_bind: Iterable[str] = (),
     ) -> None:
         if heartbeat <= 0 or liveness < 1:
             raise ValueError("heartbeat must be > 0 and liveness >= 1")
         self._keyring = keys if isinstance(keys, Keyring) or keys is None else Keyring.load(keys)
-        if self._keyring is None and not is_loopback(bind):
+        self._also_bind = tuple(also_bind)  # more endpoints, e.g. ipc:// for same-host peers
+        for endpoint in (bind, *self._also_bind):
+            if self._keyring is not None or is_loopback(endpoint):
+                continue
             if not insecure:
                 raise AuthenticationError(
-                    f"refusing to bind {bind} without keys: anyone reaching it could run code"
+                    f"refusing to bind {endpoint} without keys: anyone reaching it could run code"
                     " on the workers (run `fabric keygen`, or pass insecure=True)"
                 )
-            log.warning("INSECURE: broker on %s without CURVE keys; anyone can connect", bind)
+            log.warning("INSECURE: broker on %s without CURVE keys; anyone can connect", endpoint)
         self._bind = bind[:-2] + ":*" if bind.endswith(":0") else bind
         self._journal_path = Path(journal) if journal is not None else None
         self._fsync: FsyncPolicy = fsync
@@ -335,6 +339,8 @@ class Broker:
             self._configure(router)
             router.bind(self._bind)
             self._address = router.getsockopt_string(zmq.LAST_ENDPOINT)
+            for address in self._also_bind:
+                router.bind(address)
             router.bind(self._local_address)  # see local_endpoint()
             wake.bind(self._wake_address)
             if journal is not None:

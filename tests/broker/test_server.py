@@ -514,3 +514,9 @@ def test_a_batch_is_taken_entry_by_entry_and_answered_in_batches(start_broker: S
         stats = broker.statistics()
     assert got == {b"t0", b"t1", b"t2"}
     assert (stats.tasks.tasks_done, stats.forbidden, stats.malformed) == (3, 1, 0)
+
+
+def test_also_bind_needs_keys_unless_loopback(tmp_path: Path) -> None:
+    with pytest.raises(AuthenticationError, match="refusing to bind tcp://0.0.0.0:0"):
+        Broker(also_bind=("tcp://0.0.0.0:0",))
+    Broker(also_bind=(f"ipc://{tmp_path}/broker",)).close()  # same machine only: no keys needed
