@@ -115,11 +115,6 @@ class TaskRunner:
         return self._fn
 
 
-def run_task(payload: bytes) -> tuple[bool, bytes]:
-    """Run one pickled task in a runner of its own (see ``TaskRunner.run``)."""
-    return TaskRunner().run(payload)
-
-
 def _text(out: io.StringIO | None, err: io.StringIO | None) -> tuple[str, str]:
     return (out.getvalue() if out else "", err.getvalue() if err else "")
 
