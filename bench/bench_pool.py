@@ -14,10 +14,13 @@ it:
   copy-on-write of the input's pages shared with the just-forked workers: page
   faults worth several ms on a VM, alike for every library) and then takes the
   median of five timed maps, so one burst of load elsewhere cannot decide a round;
-* efficiency on 200 tasks of ~10 ms of pure-Python work, two ways: wall-clock
-  (the same work split evenly over bare forked processes, no IPC, timed just
-  before, over the pool's wall time) and CPU (those bare processes' CPU time
-  over all the CPU the pool's processes spent); 100% is ideal;
+* efficiency on 200 tasks of ~10 ms of pure-Python work, two ways, both against
+  the work's own CPU time, which each task measures around its loop
+  (``time.thread_time``) and returns: wall-clock (that CPU time spread evenly
+  over the workers, over the pool's wall time) and CPU (that CPU time over all
+  the CPU the pool's processes spent, parent and workers); 100% is ideal. The
+  ideal comes from the very run it is compared with, so a change of CPU speed
+  between runs (common on a VM) moves both sides alike;
 * start-up: constructor to the first result of a trivial task.
 
 loky and mpire are optional (the ``bench`` extra); missing ones are skipped
@@ -30,7 +33,6 @@ import concurrent.futures as cf
 import functools
 import importlib.util
 import multiprocessing
-import os
 import resource
 import statistics
 import time
@@ -60,12 +62,17 @@ def spin(n: int) -> int:
     return total
 
 
+def timed_spin(n: int) -> float:
+    """Run ``spin(n)`` and return the CPU seconds it took in its own thread."""
+    start = time.thread_time()
+    spin(n)
+    return time.thread_time() - start
+
+
 def _calibrate() -> int:
     n = 10_000
     while True:
-        start = time.perf_counter()
-        spin(n)
-        took = time.perf_counter() - start
+        took = timed_spin(n)  # CPU time, so a busy machine does not shrink the tasks
         if took > 0.05:
             return int(n * CPU_TASK_S / took)
         n *= 2
@@ -98,25 +105,23 @@ def _mpire(workers: int) -> Any:
     return WorkerPool(n_jobs=workers, start_method="fork")
 
 
-def _submit_all(executor: Any, fn: Callable[[Any], Any], items: Iterable[Any]) -> None:
+def _submit_all(executor: Any, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
     futures = [executor.submit(fn, x) for x in items]
-    for future in futures:
-        future.result()
+    return [future.result() for future in futures]
 
 
-def _apply_all(pool: Any, fn: Callable[[Any], Any], items: Iterable[Any]) -> None:
+def _apply_all(pool: Any, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
     results = [pool.apply_async(fn, (x,)) for x in items]
-    for result in results:
-        result.get()
+    return [result.get() for result in results]
 
 
-def _drain(iterator: Iterable[Any]) -> None:
-    for _ in iterator:
-        pass
+def _drain(iterator: Iterable[Any]) -> list[Any]:
+    return list(iterator)
 
 
-# name -> (maker, runner(pool, fn, items))
-PER_TASK: dict[str, tuple[Callable[[int], Any], Callable[[Any, Any, list[Any]], None]]] = {
+# name -> (maker, runner(pool, fn, items) -> results in order or not)
+Runner = Callable[[Any, Any, list[Any]], list[Any]]
+PER_TASK: dict[str, tuple[Callable[[int], Any], Runner]] = {
     "fabric Executor.submit": (Executor, _submit_all),
     "fabric Pool.apply_async": (Pool, _apply_all),
     "fabric Pool.imap_unordered chunksize=1": (
@@ -133,7 +138,7 @@ PER_TASK: dict[str, tuple[Callable[[int], Any], Callable[[Any, Any, list[Any]], 
     "mpire apply_async": (_mpire, _apply_all),
 }
 
-MAPS: dict[str, tuple[Callable[[int], Any], Callable[[Any, Any, list[Any]], None]]] = {
+MAPS: dict[str, tuple[Callable[[int], Any], Runner]] = {
     "fabric Pool.map (auto chunks)": (Pool, lambda p, f, xs: p.map(f, xs)),
     "fabric Pool.imap_unordered (auto chunks)": (
         Pool,
@@ -155,7 +160,7 @@ MAPS: dict[str, tuple[Callable[[int], Any], Callable[[Any, Any, list[Any]], None
     "mpire map (auto chunks)": (_mpire, lambda p, f, xs: p.map(f, xs)),
 }
 
-CPU: dict[str, tuple[Callable[[int], Any], Callable[[Any, Any, list[Any]], None]]] = {
+CPU: dict[str, tuple[Callable[[int], Any], Runner]] = {
     "fabric Pool.map (auto chunks)": MAPS["fabric Pool.map (auto chunks)"],
     "fabric Pool.imap_unordered (auto chunks)": MAPS["fabric Pool.imap_unordered (auto chunks)"],
     "fabric Executor.submit": PER_TASK["fabric Executor.submit"],
@@ -193,7 +198,7 @@ def _interleaved(measures: dict[str, Callable[[], Any]], repeats: int) -> dict[s
 
 def _rate(
     maker: Callable[[int], Any],
-    runner: Callable[..., None],
+    runner: Runner,
     items: list[Any],
     workers: int,
     warm_up: int,
@@ -274,15 +279,16 @@ def run(repeats: int) -> list[Table]:
         f"{N_CPU} tasks of ~{CPU_TASK_S * 1e3:.0f} ms CPU each: wall-clock efficiency",
         "% of ideal",
         baseline="mp.Pool.map (auto chunks)",
-        note=note + " Ideal: the same work split evenly over bare forked processes (no IPC), "
-        "timed just before each measurement; noisy when the machine is busy.",
+        note=note + " Ideal: the CPU time the tasks measured in their own threads, spread "
+        "evenly over the workers, against the pool's wall time from the call to the last "
+        "result; another program taking a core lowers it.",
     )
     cpu = Table(
         f"{N_CPU} tasks of ~{CPU_TASK_S * 1e3:.0f} ms CPU each: CPU efficiency",
         "% (CPU time of the work alone / CPU time of all pool processes)",
         baseline="mp.Pool.map (auto chunks)",
-        note=note + " The work's CPU time is that of the bare processes of the wall-clock "
-        "table; pool processes are counted from the constructor to shutdown (workers reaped), "
+        note=note + " The work's CPU time is what the tasks measured in their own threads; "
+        "pool processes are counted from the constructor to shutdown (workers reaped), "
         "so start-up and IPC are the overhead.",
     )
     efficiency = {
@@ -324,50 +330,25 @@ def _cpu(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _bare_wall(workers: int) -> float:
-    """Run the CPU work split evenly over bare forked processes: no IPC, no pool."""
-    share = N_CPU // workers
-    start = time.perf_counter()
-    pids = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                for _ in range(share):
-                    spin(_spins)
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    for pid in pids:
-        os.waitpid(pid, 0)
-    return time.perf_counter() - start
+def _efficiency(maker: Callable[[int], Any], runner: Runner, workers: int) -> tuple[float, float]:
+    """Return (wall-clock efficiency, CPU efficiency) of one map, in percent.
 
-
-def _efficiency(
-    maker: Callable[[int], Any], runner: Callable[..., None], workers: int
-) -> tuple[float, float]:
-    """Return (wall-clock efficiency vs bare processes, CPU efficiency), in percent.
-
-    The CPU figure counts every CPU second the pool's processes spent, parent
-    and reaped workers, from the constructor to shutdown, against the CPU time
-    of the work alone: unlike wall time it does not depend on what else the
-    machine is running.
+    Both compare against the CPU time the tasks themselves report, taken in
+    the same run: the wall-clock figure spreads it evenly over the workers,
+    the CPU figure divides it by every CPU second the pool's processes spent,
+    parent and reaped workers, from the constructor to shutdown.
     """
     items = [_spins] * N_CPU
-    # Right before, so both see the same machine load; the bare processes' CPU
-    # time is the work's own CPU time under that load.
-    start_cpu = _cpu(resource.RUSAGE_CHILDREN)
-    ideal = _bare_wall(workers)
-    work_cpu = _cpu(resource.RUSAGE_CHILDREN) - start_cpu
     before = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
     pool = maker(workers)
     try:
         start = time.perf_counter()
-        runner(pool, spin, items)
-        by_wall = 100.0 * ideal / (time.perf_counter() - start)
+        work = runner(pool, timed_spin, items)
+        took = time.perf_counter() - start
     finally:
         _shut(pool)
     spent = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - before
-    return by_wall, 100.0 * work_cpu / spent
+    if len(work) != N_CPU:
+        raise RuntimeError(f"{len(work)} results for {N_CPU} tasks")
+    work_cpu = sum(work)
+    return 100.0 * work_cpu / workers / took, 100.0 * work_cpu / spent

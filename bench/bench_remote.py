@@ -13,7 +13,10 @@ Every row is measured in the same run on this machine:
   the single-task round trip, against a raw pyzmq floor: a ROUTER broker
   thread handing pickled calls to 2 DEALER worker processes, no journal, no
   keys, no retries; plus ``map`` on a node with a prefetch window
-  (``Manager(prefetch=PREFETCH)``; every other row uses the default, none);
+  (``Manager(prefetch=PREFETCH)``; every other row uses the default, none),
+  and ``mgr.Pool().map`` with its automatic chunks (multiprocessing.Pool's
+  API: ~32 chunks, each a single task), labelled as such beside the per-task
+  rows;
 * cold start: ``Manager()`` to the first task result, against
   ``ProcessPoolExecutor`` (local) start-up;
 * the task peers, each with 2 worker processes, in the same three tables: dask
@@ -45,7 +48,7 @@ from bench._harness import Stats, Table, rate, repeat
 from fabric.remote import Manager
 
 N_OPS = 2_000
-N_TASKS = 2_000
+N_TASKS = 5_000
 N_TRIPS = 200
 WORKERS = 2
 # The prefetch row's window: with no-op tasks a slot sits idle ~80% of the time waiting for the
@@ -55,7 +58,9 @@ PREFETCH = 4 * WORKERS
 PREFETCH_NOTE = (
     f"Rows but one use the default node (no prefetch); 'node prefetch={PREFETCH}' is a"
     f" Manager(prefetch={PREFETCH}): 4 tasks per task process cover the node -> broker -> node"
-    " round trip of no-op tasks. The floor and the two map rows take turns in each repeat."
+    " round trip of no-op tasks. 'Pool.map (auto chunks)' is mgr.Pool().map, which sends its"
+    " calls in ~32 chunks (one task each) like multiprocessing.Pool.map; every other fabric row"
+    " sends one task per call. The floor and the map rows take turns in each repeat."
 )
 
 _FLOOR_WORKER = """
@@ -200,7 +205,7 @@ def _dict_table(repeats: int, mgr: Manager, sync: mpm.SyncManager, tcp: Manager)
 
 def _task_tables(repeats: int, mgr: Manager, floor: _Floor, pre: Manager) -> list[Table]:
     """The task tables; ``pre`` is a Manager whose node prefetches ``PREFETCH`` tasks."""
-    ex, pre_ex = mgr.Executor(), pre.Executor()
+    ex, pre_ex, pool = mgr.Executor(), pre.Executor(), mgr.Pool()
     items = list(range(N_TASKS))
     thru = Table(
         f"No-op tasks, {N_TASKS} at once, {WORKERS} worker processes",
@@ -215,6 +220,7 @@ def _task_tables(repeats: int, mgr: Manager, floor: _Floor, pre: Manager) -> lis
         f"fabric Executor.map, node prefetch={PREFETCH}": lambda: list(
             pre_ex.map(abs, items, timeout=120)
         ),
+        "fabric Pool.map (auto chunks)": lambda: pool.map(abs, items),
     }
     figures: dict[str, list[float]] = {name: [] for name in turns}
     for _ in range(repeats):
@@ -230,6 +236,7 @@ def _task_tables(repeats: int, mgr: Manager, floor: _Floor, pre: Manager) -> lis
     )
     for name, values in figures.items():
         thru.add(name, Stats(tuple(values)))
+    pool.close()
     thru.note = PREFETCH_NOTE
     trip = Table("Single-task round trip", "us", higher_is_better=False, baseline="raw pyzmq floor")
     trip.add(

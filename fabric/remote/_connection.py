@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from fabric.broker.protocol import (
     Ack,
@@ -46,6 +46,18 @@ from fabric.remote._host import RUNTIME, TICK, ObjectHost
 from fabric.remote._link import LinkRefused, Runtime
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class AwaitedFuture(cf.Future[T]):
+    """A task's future that ``Connection.await_task`` receives for.
+
+    ``poke_armed``: the done-callback that pokes the receiver is on it already
+    (added once per future, however often its result is polled).
+    """
+
+    poke_armed = False
 
 
 class Connection(ClientIO):
@@ -162,7 +174,7 @@ class Connection(ClientIO):
         if wake:
             self._wake()  # the I/O thread must watch for the results
 
-    def await_task(self, future: cf.Future[Any], timeout: float | None) -> None:
+    def await_task(self, future: AwaitedFuture[Any], timeout: float | None) -> None:
         """Receive in this thread until ``future`` is settled or ``timeout`` passes.
 
         Unless the I/O thread is watching for task results (then return at
@@ -184,7 +196,9 @@ class Connection(ClientIO):
             self._task_waiters += 1
             due = self._tasks.next_due(now)
         self._awaiting.future = future  # settling it here needs no poke
-        future.add_done_callback(self.poke_receiver)
+        if not future.poke_armed:
+            future.poke_armed = True
+            future.add_done_callback(self.poke_receiver)
         try:
             while not future.done() and self._fatal is None and not self._closing:
                 pause = RETRY_S if deadline is None else min(RETRY_S, deadline - time.monotonic())

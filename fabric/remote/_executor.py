@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from fabric.errors import BrokerUnavailable, FabricError, WorkerLostError
 from fabric.remote._client_tasks import ResultCallback
-from fabric.remote._connection import Connection
+from fabric.remote._connection import AwaitedFuture, Connection
 from fabric.remote._errors import with_remote_traceback
 from fabric.remote._progress import Progress, check, track
 from fabric.remote._runner import decode_outcome, encode_function, encode_task
@@ -48,7 +48,7 @@ def _batched(items: Iterable[T], n: int) -> Iterator[tuple[T, ...]]:
         yield batch
 
 
-class _TaskFuture(cf.Future[T]):
+class _TaskFuture(AwaitedFuture[T]):
     """A task's Future whose ``result()``/``exception()`` receive in the waiting thread."""
 
     def __init__(self, conn: Connection) -> None:

@@ -175,3 +175,37 @@ def test_results_reach_waiting_threads_and_callbacks_alike(cluster: Cluster) -> 
         for thread in threads:
             thread.join(90)
         assert sorted(results) == [2**i for i in range(6)]
+
+
+def test_polling_result_arms_the_receiver_poke_once(cluster: Cluster) -> None:
+    # while the main thread waits on one result (after a round trip, so it receives for
+    # itself and the I/O thread leaves task results to callers), another thread polls
+    # result(timeout=small) on a second task, taking the receiver role at each poll: the
+    # done-callback that pokes the receiver is added once per future, not once per poll
+    cluster.node(processes=2)
+    mgr = cluster.manager()
+    gate = mgr.Event()
+    ex = mgr.Executor()
+    assert ex.submit(abs, -1).result(timeout=60) == 1
+    future, other = ex.submit(wait_for, gate), ex.submit(wait_for, gate)
+    timeouts: list[int] = []
+
+    def poll_then_open() -> None:
+        try:
+            for _ in range(30):
+                try:
+                    future.result(timeout=0.01)
+                except TimeoutError:
+                    timeouts.append(1)
+        finally:
+            gate.set()
+
+    poller = threading.Thread(target=poll_then_open)
+    poller.start()
+    assert other.result(timeout=60) == "released"
+    poller.join(60)
+    assert len(timeouts) == 30 and future.result(timeout=60) == "released"
+    conn = mgr._conn
+    assert conn is not None
+    callbacks = future._done_callbacks  # type: ignore[attr-defined]
+    assert len([cb for cb in callbacks if cb == conn.poke_receiver]) <= 1
