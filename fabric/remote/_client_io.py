@@ -237,11 +237,13 @@ class ClientIO(ABC):
         """Drain the socket and dispatch; return the task callbacks to run (lock released)."""
         callbacks: list[Callable[[], None]] = []
         with self._sock_lock:
-            while self._input_pending():
+            while True:
+                # receive() drains the socket: its last look at EVENTS found no input
                 for message in self._link.receive():
                     callbacks += self._dispatch(message)
-                self._flush()
-        return callbacks
+                # look again only if a send may have eaten the edge of input come since
+                if not self._flush() or not self._input_pending():
+                    return callbacks
 
     # --- the I/O thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -365,10 +367,13 @@ class ClientIO(ABC):
             self._receiver.release()
         return watch
 
-    def _flush(self, force: bool = False) -> None:
-        """Send what is queued; DONE only once a batch is full, due, or ``force``d."""
+    def _flush(self, force: bool = False) -> bool:
+        """Send what is queued; DONE only once a batch is full, due, or ``force``d.
+
+        Return whether anything was sent.
+        """
         if not self._link.ready:
-            return
+            return False
         with self._lock:
             outbox, self._outbox = self._outbox, []
             outbox += self._tasks.take_done(time.monotonic(), force)
@@ -376,7 +381,8 @@ class ClientIO(ABC):
             if not self._link.send(message):  # the socket is full: keep the rest, in order
                 with self._lock:
                     self._outbox[:0] = outbox[sent:]
-                return
+                return sent > 0
+        return bool(outbox)
 
     def _resend(self, welcome: Welcome) -> None:
         """Re-send what the broker has not acknowledged, in order, on a new session."""
