@@ -2,7 +2,9 @@
 
 ZeroMQ sockets are not thread-safe, so every use of the socket happens under
 ``_sock_lock``. A calling thread sends its message itself (one thread hop less
-per call). One thread at a time, the *receiver* (``_receiver``), sleeps on the
+per call), but for a submit made while many tasks await results: that one joins
+the outbox, which the I/O thread (or the submit that fills it) sends as one
+BATCH. One thread at a time, the *receiver* (``_receiver``), sleeps on the
 socket's readiness fd (``zmq.FD``, which can be watched without touching the
 socket), drains the socket and resolves what came back. A thread waiting for
 its reply, or blocked in a task future's ``result()``, takes that role itself if
@@ -55,6 +57,11 @@ ZMQ_FD = int(zmq.FD)  # (plain ints: getsockopt's enum wrapping costs more than 
 # submit to come back for its result and receive it itself; the I/O thread, which then looks
 # at least this often, takes over from callers that do not
 TASK_GRACE_S = 0.005
+# while this many tasks await results, a submit joins the outbox instead of the socket: the
+# I/O thread (which then looks at least every CHORES_S) sends what gathered as one BATCH,
+# so a loop of submits costs the broker one message per batch, not one per task
+COALESCE_AFTER = 8
+OUTBOX_BATCH = 32  # a submit that fills the outbox to this sends it at once
 
 
 class ClientIO(ABC):
@@ -237,11 +244,13 @@ class ClientIO(ABC):
         """Drain the socket and dispatch; return the task callbacks to run (lock released)."""
         callbacks: list[Callable[[], None]] = []
         with self._sock_lock:
-            while self._input_pending():
+            while True:
+                # receive() drains the socket: its last look at EVENTS found no input
                 for message in self._link.receive():
                     callbacks += self._dispatch(message)
-                self._flush()
-        return callbacks
+                # look again only if a send may have eaten the edge of input come since
+                if not self._flush() or not self._input_pending():
+                    return callbacks
 
     # --- the I/O thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -271,6 +280,10 @@ class ClientIO(ABC):
                 timeout = min(self._link.next_tick(now), self._tasks.next_due(now) - now)
                 if now - self._waited_at < TASK_LINGER_S:
                     timeout = min(timeout, TASK_GRACE_S)  # see _callers_receive
+                if now - self._tasks_at < TASK_LINGER_S:
+                    timeout = min(timeout, CHORES_S)  # see _coalesce
+                if self._outbox:
+                    timeout = 0.0
                 self._sleep_until = now + timeout
             self._turn(timeout)
 
@@ -285,6 +298,20 @@ class ClientIO(ABC):
         if self._task_waiters:
             return True
         return now - self._waited_at < TASK_LINGER_S and now - self._tasks_at < TASK_GRACE_S
+
+    def _coalesce(self, now: float, messages: list[Message]) -> bool:
+        """Queue a submit's ``messages`` for the I/O thread to send with others (under ``_lock``).
+
+        Only while ``COALESCE_AFTER`` other tasks await results (a lone round
+        trip goes at once) and the I/O thread looks again within ``CHORES_S``
+        (a burst of submits keeps it that alert for ``TASK_LINGER_S``).
+        """
+        if len(self._tasks) - len(messages) < COALESCE_AFTER or self._closing:
+            return False
+        if self._sleep_until > now + CHORES_S or not self._link.ready:
+            return False
+        self._outbox += messages
+        return True
 
     def _must_wake_for_tasks(self, now: float) -> bool:
         """Whether a submit must wake the I/O thread to watch (under ``_lock``)."""
@@ -365,18 +392,24 @@ class ClientIO(ABC):
             self._receiver.release()
         return watch
 
-    def _flush(self, force: bool = False) -> None:
-        """Send what is queued; DONE only once a batch is full, due, or ``force``d."""
+    def _flush(self, force: bool = False) -> bool:
+        """Send what is queued; DONE only once a batch is full, due, or ``force``d.
+
+        Return whether anything was sent.
+        """
         if not self._link.ready:
-            return
+            return False
         with self._lock:
             outbox, self._outbox = self._outbox, []
             outbox += self._tasks.take_done(time.monotonic(), force)
-        for sent, message in enumerate(outbox):
-            if not self._link.send(message):  # the socket is full: keep the rest, in order
-                with self._lock:
-                    self._outbox[:0] = outbox[sent:]
-                return
+        if not outbox:
+            return False
+        # several to a BATCH: every message queued here is one the broker takes twice harmlessly
+        sent = self._link.send_many(outbox)
+        if sent < len(outbox):  # the socket is full: keep the rest, in order
+            with self._lock:
+                self._outbox[:0] = outbox[sent:]
+        return sent > 0
 
     def _resend(self, welcome: Welcome) -> None:
         """Re-send what the broker has not acknowledged, in order, on a new session."""

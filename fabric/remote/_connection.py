@@ -40,7 +40,7 @@ from fabric.broker.protocol import (
 )
 from fabric.errors import BrokerUnavailable
 from fabric.remote._client_calls import LocalBroker, PendingCall, check_host_runtime
-from fabric.remote._client_io import RETRY_S, ZMQ_FD, ClientIO
+from fabric.remote._client_io import OUTBOX_BATCH, RETRY_S, ZMQ_FD, ClientIO
 from fabric.remote._client_tasks import ResultCallback
 from fabric.remote._host import RUNTIME, TICK, ObjectHost
 from fabric.remote._link import LinkRefused, Runtime
@@ -170,7 +170,15 @@ class Connection(ClientIO):
                 messages.append(message)
             self._tasks_at = now = time.monotonic()
             wake = self._must_wake_for_tasks(now)
-        self._send_all_or_queue(messages)
+            queued = not wake and self._coalesce(now, messages)
+            full = len(self._outbox) >= OUTBOX_BATCH
+        if not queued:
+            self._send_all_or_queue(messages)
+        elif full:
+            with self._sock_lock:
+                self._flush()
+                if self._input_pending():
+                    self._poke_receiver()  # our sends may have eaten the edge it waits for
         if wake:
             self._wake()  # the I/O thread must watch for the results
 

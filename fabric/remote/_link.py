@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 _HELLO_TIMEOUT_S = 2.0
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.1, 5.0
 _ZERO_COPY = 64 * 1024  # below this, copying a frame is cheaper than tracking a zero-copy one
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _SEND_MANY = 32  # messages encoded at a time by send_many: most such groups fit one BATCH
 
@@ -161,12 +161,16 @@ class Link:
     def receive(self) -> list[Message]:
         """Drain the socket; return the messages for the owner (session traffic is handled)."""
         out: list[Message] = []
+        sock = self.socket
         # asking EVENTS first is cheaper than the zmq.Again that ends every drain
-        while self.socket is not None and cast(int, self.socket.get(_EVENTS)) & _POLLIN:
+        while sock is not None and cast(int, sock.get(_EVENTS)) & _POLLIN:
             try:
-                frames = self.socket.recv_multipart(_NOBLOCK, copy=True)
+                frames = [sock.recv(_NOBLOCK)]
             except zmq.Again:
                 break
+            # frame by frame with int options: recv_multipart's RCVMORE lookups wrap enums
+            while sock.get(_RCVMORE):
+                frames.append(sock.recv(_NOBLOCK))
             self._last_heard = time.monotonic()
             try:
                 messages = decode_many(frames)

@@ -182,12 +182,12 @@ class WorkerNode:
             for slot in list(self._slots):
                 if slot.results in events:
                     self._collect(slot)
+            self._send_unsent()  # the results collected above leave as one BATCH
             if self._link.socket is not None and self._link.socket in events:
                 for message in self._link.receive():
                     self._on_message(message)
+                self._send_unsent()
             self._link.tick(time.monotonic())
-            if self._unsent and self._link.ready:
-                self._retry_unsent()
         if self._link.ready and not self._stop_now:
             self._link.say_bye(Bye())
         log.info("worker node %s drained", self.name)
@@ -280,10 +280,10 @@ class WorkerNode:
         )
 
     def _report(self, result: Result) -> None:
+        """Keep ``result`` until ACKed; it leaves with the loop's next ``_send_unsent``."""
         key = (result.task, result.attempt)
         self._unacked[key] = result
-        if not self._link.send(result):
-            self._unsent.append(key)  # the link is down or full: try again (or on WELCOME)
+        self._unsent.append(key)
 
     def _cancel(self, message: Cancel) -> None:
         for queued in self._queued:
@@ -308,12 +308,13 @@ class WorkerNode:
             if not self._link.send(self._unacked[key]):
                 self._unsent.append(key)
 
-    def _retry_unsent(self) -> None:
-        keys, self._unsent = self._unsent, []
-        for key in keys:
-            result = self._unacked.get(key)
-            if result is not None and not self._link.send(result):
-                self._unsent.append(key)
+    def _send_unsent(self) -> None:
+        """Send the results not sent yet, several to a BATCH; keep what the link refuses."""
+        if not self._unsent:
+            return
+        results = [self._unacked[key] for key in self._unsent if key in self._unacked]
+        sent = self._link.send_many(results)  # 0 while the link is down: re-sent on WELCOME
+        self._unsent = [(result.task, result.attempt) for result in results[sent:]]
 
     # --- task processes ---------------------------------------------------------------
     def _spawn(self) -> _Slot:

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,27 @@ def test_polling_result_arms_the_receiver_poke_once(cluster: Cluster) -> None:
     assert conn is not None
     callbacks = future._done_callbacks  # type: ignore[attr-defined]
     assert len([cb for cb in callbacks if cb == conn.poke_receiver]) <= 1
+
+
+def test_submits_gathered_while_many_tasks_wait_reach_the_broker_with_no_result_coming(
+    cluster: Cluster,
+) -> None:
+    # past COALESCE_AFTER tasks awaiting results, a submit joins the outbox for the I/O
+    # thread to send with others; with every task blocked, no result wakes that thread,
+    # and still every submit reaches the broker
+    from fabric.remote._client_io import COALESCE_AFTER
+
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    gate = mgr.Event()
+    ex = mgr.Executor()
+    futures = [ex.submit(wait_for, gate) for _ in range(COALESCE_AFTER + 4)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tasks = cluster.broker.statistics().tasks
+        if tasks.queued + tasks.in_flight == len(futures):
+            break
+        time.sleep(0.02)  # polling the broker's view, not synchronising the test
+    assert tasks.queued + tasks.in_flight == len(futures)
+    gate.set()
+    assert [f.result(timeout=60) for f in futures] == ["released"] * len(futures)

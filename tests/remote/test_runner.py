@@ -38,6 +38,19 @@ def test_functions_sent_by_reference_are_plain_pickles_and_the_rest_travel_by_va
     assert encode_function(bound) == cloudpickle.dumps(bound, protocol=5)
 
 
+def test_plain_arguments_take_the_c_pickler_and_the_rest_travel_by_value() -> None:
+    blob = encode_function(abs)
+    for args, many in [((5,), False), (((1, "a", None, 2.5, b"x", True, 1j),), True)]:
+        expected = cloudpickle.dumps((blob, args, None, False, many), protocol=5)
+        assert encode_task(blob, args, many=many) == expected
+    # a function or class among the arguments (or in kwargs) still travels by value
+    local = make_local_class()
+    task = encode_task(blob, (square, (local,)), {"f": square})
+    assert task == cloudpickle.dumps((blob, (square, (local,)), {"f": square}, False, False))
+    _, args, kwargs, _, _ = pickle.loads(task)
+    assert args[0](3) == kwargs["f"](3) == 9 and args[1][0].value == 3
+
+
 def test_results_made_in_the_task_come_back_by_value() -> None:
     runner = TaskRunner()
     assert run(runner, square, 7) == 49
