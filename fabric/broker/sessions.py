@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fabric.broker import protocol as p
@@ -42,6 +42,10 @@ class Session:
     runtime: str
     sendable: frozenset[type[p.Message]]
     last_sent: float = 0.0
+    requires: dict[str, str] = field(init=False)  # what its SUBMITs that name none require
+
+    def __post_init__(self) -> None:
+        self.requires = {"runtime": self.runtime}
 
 
 def runtime_tag(python: str, cloudpickle: str) -> str:
@@ -145,7 +149,9 @@ class Sessions:
         self.direct.append((route, p.Error("forbidden", text)))
 
     def _submit(self, session: Session, message: p.Submit, now: float) -> None:
-        requires = {**message.requires, "runtime": session.runtime}
+        requires = session.requires
+        if message.requires:
+            requires = {**message.requires, "runtime": session.runtime}
         verdict, outs = self.sched.submit(session.id, message.task, message.payload, now, requires)
         if verdict is Admission.ACCEPTED and self.journal is not None:
             self.journal.submit(session.id, message.task, requires, message.payload, session.user)
