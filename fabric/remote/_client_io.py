@@ -288,12 +288,14 @@ class ClientIO(ABC):
     def _callers_receive(self, now: float) -> bool:
         """Whether callers receive the task results (under ``_lock``).
 
-        So while one awaits a result, and for ``TASK_GRACE_S`` after a submit if
-        one did lately: a caller submitting one task after another's result
-        wakes nobody. The I/O thread then looks every ``TASK_GRACE_S`` at most,
-        so a result nobody awaits is received by it that much later at worst.
+        So while one awaits a result, for ``TASK_GRACE_S`` after one did (a map's
+        consumer is back for the next result by then), and for ``TASK_GRACE_S``
+        after a submit if one did lately: a caller submitting one task after
+        another's result wakes nobody. The I/O thread then looks every
+        ``TASK_GRACE_S`` at most, so a result nobody awaits is received by it
+        that much later at worst.
         """
-        if self._task_waiters:
+        if self._task_waiters or now - self._waited_at < TASK_GRACE_S:
             return True
         return now - self._waited_at < TASK_LINGER_S and now - self._tasks_at < TASK_GRACE_S
 
