@@ -139,6 +139,16 @@ def _check_map(value: Any) -> dict[str, Any]:
     return value
 
 
+# The same tests inline, for the generated decoders: a valid field costs no call (the
+# checker still runs, and raises, for any value that fails its test).
+_VALID: dict[Any, str] = {
+    bytes: f"type(v) is bytes and len(v) <= {MAX_ID_BYTES}",
+    str: f"type(v) is str and len(v) <= {MAX_STR_CHARS}",
+    int: f"type(v) is int and 0 <= v < {2**63}",
+    bool: "type(v) is bool",
+    dict[str, str]: "type(v) is dict and not v",  # no labels, nothing to look at
+}
+
 _CHECKS: dict[Any, _Check] = {
     bytes: _check_bytes,
     str: _check_str,
@@ -199,6 +209,7 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 
 _Decoder = Callable[[dict[str, Any], Payload], Message]
 _Encoder = Callable[[Any], list[Buffer]]
+_Entry = tuple[Message, bytes, Payload]
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +220,7 @@ class _Codec:
     decode: _Decoder
     encode: _Encoder
     alone: _Encoder
-    fields: Callable[[Any], dict[str, Any]]
+    entry: Callable[[Any], _Entry]  # a BATCH entry: (message, packed entry, frames of its own)
 
 
 def _codec(cls: type[Message]) -> _Codec:
@@ -230,6 +241,7 @@ def _codec(cls: type[Message]) -> _Codec:
         "MISSING": dataclasses.MISSING,
         "ProtocolError": ProtocolError,
         "rule": _RULES.get(cls),
+        "TYPE": cls.TYPE,
     }
     lines = ["def decode(control, payload):", "    get = control.get"]
     args, keys = [], []
@@ -241,15 +253,17 @@ def _codec(cls: type[Message]) -> _Codec:
             continue
         env[f"check{n}"], env[f"default{n}"] = _CHECKS[hints[f.name]], f.default
         env[f"factory{n}"] = f.default_factory
+        valid = _VALID.get(hints[f.name])
+        checked = f"v if {valid} else check{n}(v)" if valid else f"check{n}(v)"
         lines.append(f"    v = get({f.name!r}, MISSING)")
         if f.default is not dataclasses.MISSING:
-            lines.append(f"    f{n} = default{n} if v is MISSING else check{n}(v)")
+            lines.append(f"    f{n} = default{n} if v is MISSING else {checked}")
         elif f.default_factory is not dataclasses.MISSING:
-            lines.append(f"    f{n} = factory{n}() if v is MISSING else check{n}(v)")
+            lines.append(f"    f{n} = factory{n}() if v is MISSING else {checked}")
         else:
             lacks = f"{cls.__name__} lacks field {f.name!r}"
             lines += ["    if v is MISSING:", f"        raise ProtocolError({lacks!r})"]
-            lines.append(f"    f{n} = check{n}(v)")
+            lines.append(f"    f{n} = {checked}")
         args.append(f"f{n}")
         keys.append(f"{f.name!r}: m.{f.name}")
     lines.append(f"    message = cls({', '.join(args)})")
@@ -259,7 +273,13 @@ def _codec(cls: type[Message]) -> _Codec:
     control = "packb({" + ", ".join(keys) + "}, use_bin_type=True)"
     tail = ", *m.payload" if has_payload else ""
     lines += ["def encode(m):", f"    return [header + {control}{tail}]"]
-    lines += ["def fields(m):", "    return {" + ", ".join(keys) + "}"]
+    fields = "{" + ", ".join(keys) + "}"
+    lines += ["def entry(m):", f"    payload = {'m.payload' if has_payload else '()'}"]
+    lines += [
+        "    if sum(map(len, payload)) <= INLINE_BYTES:",
+        f"        return m, pack([TYPE, {fields}, payload]), ()",
+        f"    return m, pack([TYPE, {fields}, len(payload)]), payload",
+    ]
     lines += ["def alone(m):"]
     if has_payload:  # a small payload rides in frame 0: a one-entry BATCH, one frame in all
         lines += [
@@ -269,7 +289,7 @@ def _codec(cls: type[Message]) -> _Codec:
         ]
     lines += [f"    return [header + {control}{tail}]"]
     exec("\n".join(lines), env)  # the source is built above from our own dataclasses
-    codec = env["decode"], env["encode"], env["alone"], env["fields"]
+    codec = env["decode"], env["encode"], env["alone"], env["entry"]
     return _Codec(cls, header, has_payload, *codec)
 
 
@@ -303,10 +323,11 @@ def encode_many(messages: Sequence[Message]) -> list[list[Buffer]]:
     if len(messages) == 1:  # the common case when idle: no entry to pack
         return [encode_alone(messages[0])]
     out: list[list[Buffer]] = []
-    chunk: list[tuple[Message, bytes, Payload]] = []
+    chunk: list[_Entry] = []
     size = 0
+    codecs = _BY_CLASS
     for message in messages:
-        entry = _entry(message)
+        entry = codecs[type(message)].entry(message)
         if chunk and (len(chunk) == MAX_BATCH or size + len(entry[1]) > MAX_CONTROL_BYTES - 3):
             out.append(_batch(chunk))
             chunk, size = [], 0
@@ -317,15 +338,7 @@ def encode_many(messages: Sequence[Message]) -> list[list[Buffer]]:
     return out
 
 
-def _entry(message: Message) -> tuple[Message, bytes, Payload]:
-    codec = _BY_CLASS[type(message)]
-    payload: Payload = message.payload if codec.has_payload else ()  # type: ignore[attr-defined]
-    if sum(map(len, payload)) <= INLINE_BYTES:
-        return message, _pack([codec.cls.TYPE, codec.fields(message), payload]), ()
-    return message, _pack([codec.cls.TYPE, codec.fields(message), len(payload)]), payload
-
-
-def _batch(chunk: list[tuple[Message, bytes, Payload]]) -> list[Buffer]:
+def _batch(chunk: list[_Entry]) -> list[Buffer]:
     if len(chunk) == 1:
         return encode_alone(chunk[0][0])
     count = len(chunk)
@@ -343,17 +356,17 @@ def decode_many(frames: Sequence[Buffer]) -> list[Message]:
     """
     if len(frames) == 0 or len(frames[0]) < 4 or memoryview(frames[0])[3] != BATCH:
         return [decode(frames)]
-    head = _header(frames[0])
-    entries = _unpack(head[4:], list)
+    entries = _unpack(_header(frames[0])[4:], list)
     if not 0 < len(entries) <= MAX_BATCH:
         raise ProtocolError(f"a batch holds 1 to {MAX_BATCH} messages, not {len(entries)}")
     out: list[Message] = []
     at = 1
+    codecs = _BY_TYPE
     for entry in entries:
         if type(entry) is not tuple or len(entry) != 3:
             raise ProtocolError("a batch entry is not [type, control, frames]")
         kind, control, payload = entry
-        codec = _BY_TYPE.get(kind) if type(kind) is int else None
+        codec = codecs.get(kind) if type(kind) is int else None
         if codec is None:
             raise ProtocolError(f"unknown message type {kind!r:.20} in a batch")
         if type(control) is not dict:
@@ -366,8 +379,10 @@ def decode_many(frames: Sequence[Buffer]) -> list[Message]:
             at += count
         elif type(payload) is not tuple or len(payload) > MAX_PAYLOAD_FRAMES:
             raise ProtocolError("a batch entry's payload is neither a frame count nor a list")
-        elif not all(type(item) is bytes for item in payload):
-            raise ProtocolError("a batch entry's inline payload holds other than bytes")
+        else:
+            for item in payload:  # a loop: cheaper than all() over a generator for one item
+                if type(item) is not bytes:
+                    raise ProtocolError("a batch entry's inline payload holds other than bytes")
         if payload and not codec.has_payload:
             raise ProtocolError(f"{codec.cls.__name__} takes no payload frames")
         out.append(codec.decode(control, payload))

@@ -72,6 +72,7 @@ class Scheduler:
         self._tombstones = Expiring(limits.tombstone_ttl, limits.tombstone_limit)
         self._acks = Acks()
         self._bytes = 0
+        self._free = 0  # the workers' credit in all: dispatching needs none while it is 0
         self._turns = 0
         self._counts = {"done": 0, "failed": 0, "retries": 0, "duplicates": 0, "busy": 0}
 
@@ -104,7 +105,9 @@ class Scheduler:
         worker = Worker(session, name, host, pid, dict(labels or {}), credit)
         if old is not None:
             worker.running, worker.done, worker.turn = old.running, old.done, old.turn
+            self._free -= old.credit
         self._workers[session] = worker
+        self._free += credit
         return self._dispatch()
 
     def add_client(self, session: bytes, now: float) -> list[Out]:
@@ -138,6 +141,7 @@ class Scheduler:
         outs: list[Out] = []
         worker = self._workers.pop(session, None)
         if worker is not None:
+            self._free -= worker.credit
             for key in sorted(worker.running):
                 outs += self._requeue(self._tasks[key], worker, reason, now)
         client = self._clients.get(session)
@@ -184,7 +188,7 @@ class Scheduler:
         if key in self._tombstones:
             reason = f"task {task!r} already completed and acknowledged"
             return Admission.REJECTED, [(session, Reject(task, "duplicate", reason))]
-        size = sum(len(memoryview(frame)) for frame in payload)
+        size = sum(map(len, payload))
         limits = self.limits
         if size > limits.max_bytes:
             reason = f"task {task!r} carries {size} bytes, over the broker's {limits.max_bytes}"
@@ -209,7 +213,7 @@ class Scheduler:
         """Queue a task without admission checks (journal replay); dispatch on the next event."""
         key = task_key(session, task)
         if key not in self._tasks:
-            size = sum(len(memoryview(frame)) for frame in payload)
+            size = sum(map(len, payload))
             self._queue(session, key, payload, size, requires)
 
     def _queue(
@@ -234,7 +238,7 @@ class Scheduler:
         worker = self._workers.get(session)
         if worker is None:
             return []
-        worker.credit = min(worker.credit + n, MAX_CREDIT)
+        self._grant(worker, n)
         return self._dispatch()
 
     def result(self, session: bytes, message: Result, now: float) -> list[Out]:
@@ -247,7 +251,7 @@ class Scheduler:
         outs: list[Out] = []
         worker = self._workers.get(session)
         if worker is not None:
-            worker.credit = min(worker.credit + message.credit, MAX_CREDIT)
+            self._grant(worker, message.credit)
         task = self._tasks.get(message.task)
         if task is None or task.state is State.RESULTED or not 1 <= message.attempt <= task.attempt:
             # already settled, or an attempt never dispatched (not to be trusted)
@@ -388,6 +392,7 @@ class Scheduler:
             running = task.state is State.DISPATCHED and task.worker in self._workers
             if task.worker is not None:
                 assert running and key in self._workers[task.worker].running, f"owner of {key!r}"
+        assert self._free == sum(w.credit for w in self._workers.values()), "free credit"
         for worker in self._workers.values():
             assert worker.credit >= 0
             for key in worker.running:
@@ -397,14 +402,20 @@ class Scheduler:
 
     # --- internals ---------------------------------------------------------------
 
+    def _grant(self, worker: Worker, n: int) -> None:
+        credit = min(worker.credit + n, MAX_CREDIT)
+        self._free += credit - worker.credit
+        worker.credit = credit
+
     def _dispatch(self) -> list[Out]:
         outs: list[Out] = []
-        while (taken := self._lanes.take(self._workers)) is not None:
+        while self._free and (taken := self._lanes.take(self._workers)) is not None:
             key, worker = taken
             task = self._tasks[key]
             task.state, task.worker = State.DISPATCHED, worker.session
             worker.running.add(key)
             worker.credit -= 1
+            self._free -= 1
             self._turns += 1
             worker.turn = self._turns
             outs.append((worker.session, Dispatch(key, task.attempt, task.payload)))
@@ -454,7 +465,7 @@ class Scheduler:
             outs.append((task.worker, Cancel(task=task.key, attempt=task.attempt)))
             task.worker = None
         self._counts["done" if status in ("ok", "error") else "failed"] += 1
-        size = sum(len(memoryview(frame)) for frame in payload) if payload else 0
+        size = sum(map(len, payload)) if payload else 0
         self._bytes += size - task.size
         task.state, task.size, task.payload = State.RESULTED, size, ()
         task.result = Result(task.key[SESSION_BYTES:], attempt, status, text, 0, payload)

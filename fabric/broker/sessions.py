@@ -120,25 +120,29 @@ class Sessions:
             self.counts["malformed"] += 1
             self.direct.append((route, p.Error("malformed", str(exc))))
             return
-        for message in messages:
-            self._take(route, user, message, now)
-
-    def _take(self, route: bytes, user: str, message: p.Message, now: float) -> None:
-        kind = type(message)
         session = self.by_route.get(route)
-        if kind is p.Hello:
-            self._hello(route, user, message, now)  # type: ignore[arg-type]
-        elif session is None:
-            self.direct.append((route, p.Error("hello-required", "send HELLO first")))
-        elif session.user != user:
-            log.warning("message on session %s under another key: dropped", session.id.hex())
-        elif kind not in session.sendable:
-            self.counts["forbidden"] += 1
-            text = f"a {session.role} may not send {kind.__name__.upper()}"
-            self.direct.append((route, p.Error("forbidden", text)))
-        else:
-            self.sched.touch(session.id, now)
-            self._handlers[kind](session, message, now)
+        touched = None
+        for message in messages:
+            kind = type(message)
+            if kind is p.Hello:
+                self._hello(route, user, message, now)  # type: ignore[arg-type]
+            elif session is None:
+                self.direct.append((route, p.Error("hello-required", "send HELLO first")))
+            elif session.user != user:
+                log.warning("message on session %s under another key: dropped", session.id.hex())
+            elif kind not in session.sendable:
+                self._forbidden(route, session, kind)
+            else:
+                if session is not touched:  # one deadline push per ZeroMQ message will do
+                    self.sched.touch(session.id, now)
+                    touched = session
+                self._handlers[kind](session, message, now)
+            session = self.by_route.get(route)  # a HELLO or a BYE may have changed it
+
+    def _forbidden(self, route: bytes, session: Session, kind: type[p.Message]) -> None:
+        self.counts["forbidden"] += 1
+        text = f"a {session.role} may not send {kind.__name__.upper()}"
+        self.direct.append((route, p.Error("forbidden", text)))
 
     def _submit(self, session: Session, message: p.Submit, now: float) -> None:
         requires = {**message.requires, "runtime": session.runtime}

@@ -54,7 +54,7 @@ class State(enum.Enum):
     RESULTED = "resulted"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     key: bytes
     requires: Requires
@@ -74,7 +74,7 @@ class Task:
         self.lane = (self.owner, self.requires)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Worker:
     session: bytes
     name: str
@@ -88,7 +88,7 @@ class Worker:
     eligible: dict[Requires, bool] = field(default_factory=dict)  # labels hold requirements?
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Client:
     present: bool = True
     tasks: set[bytes] = field(default_factory=set)
