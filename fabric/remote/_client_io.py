@@ -51,7 +51,6 @@ TASK_LINGER_S = 0.1
 # chores (heartbeats, held-back tasks, DONE batches) are looked at this often at most
 # while nothing is queued to send: far finer than any of their own clocks
 CHORES_S = 0.005
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 ZMQ_FD = int(zmq.FD)  # (plain ints: getsockopt's enum wrapping costs more than the call)
 # a caller that awaited a result lately (within TASK_LINGER_S) is left this long after each
 # submit to come back for its result and receive it itself; the I/O thread, which then looks
@@ -216,8 +215,7 @@ class ClientIO(ABC):
             self._wake()
 
     def _input_pending(self) -> bool:
-        sock = self._link.socket
-        return sock is not None and bool(cast(int, sock.get(_EVENTS)) & _POLLIN)
+        return self._link.input_pending()
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # closed during shutdown
@@ -290,12 +288,14 @@ class ClientIO(ABC):
     def _callers_receive(self, now: float) -> bool:
         """Whether callers receive the task results (under ``_lock``).
 
-        So while one awaits a result, and for ``TASK_GRACE_S`` after a submit if
-        one did lately: a caller submitting one task after another's result
-        wakes nobody. The I/O thread then looks every ``TASK_GRACE_S`` at most,
-        so a result nobody awaits is received by it that much later at worst.
+        So while one awaits a result, for ``TASK_GRACE_S`` after one did (a map's
+        consumer is back for the next result by then), and for ``TASK_GRACE_S``
+        after a submit if one did lately: a caller submitting one task after
+        another's result wakes nobody. The I/O thread then looks every
+        ``TASK_GRACE_S`` at most, so a result nobody awaits is received by it
+        that much later at worst.
         """
-        if self._task_waiters:
+        if self._task_waiters or now - self._waited_at < TASK_GRACE_S:
             return True
         return now - self._waited_at < TASK_LINGER_S and now - self._tasks_at < TASK_GRACE_S
 

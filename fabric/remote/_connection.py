@@ -40,7 +40,7 @@ from fabric.broker.protocol import (
 )
 from fabric.errors import BrokerUnavailable
 from fabric.remote._client_calls import LocalBroker, PendingCall, check_host_runtime
-from fabric.remote._client_io import OUTBOX_BATCH, RETRY_S, ZMQ_FD, ClientIO
+from fabric.remote._client_io import OUTBOX_BATCH, RETRY_S, TASK_GRACE_S, ZMQ_FD, ClientIO
 from fabric.remote._client_tasks import ResultCallback
 from fabric.remote._host import RUNTIME, TICK, ObjectHost
 from fabric.remote._link import LinkRefused, Runtime
@@ -185,24 +185,28 @@ class Connection(ClientIO):
     def await_task(self, future: AwaitedFuture[Any], timeout: float | None) -> None:
         """Receive in this thread until ``future`` is settled or ``timeout`` passes.
 
-        Unless the I/O thread is watching for task results (then return at
-        once: the caller waits on its future), a caller blocked on a task's
-        result takes the receiver role and runs the result callbacks itself:
-        the result wakes the caller and nobody else. If another thread receives
-        meanwhile, the caller waits for the role; settling its future pokes
-        the receiver, which may be the caller asleep on the socket.
+        A caller blocked on a task's result takes the receiver role and runs
+        the result callbacks itself: the result wakes the caller and nobody
+        else (a map's consumer keeps the role from one result to the next, see
+        ``_hand_back``). If the I/O thread is watching, it is poked to let the
+        role go, unless a lone task is in flight (then return at once: the
+        caller waits on its future). If another thread receives meanwhile, the
+        caller waits for the role; settling its future pokes the receiver,
+        which may be the caller asleep on the socket.
         """
         if threading.current_thread() is self._threads[0] or future.done():
             return  # a result callback waiting on another task: the I/O thread must not block
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
         with self._lock:
-            if self._watching:
-                if len(self._tasks) == 1:  # one task at a time: leave the next ones to callers
-                    self._waited_at = now
+            watching = self._watching
+            if watching and len(self._tasks) == 1:
+                self._waited_at = now  # one task at a time: leave the next ones to callers
                 return
             self._task_waiters += 1
             due = self._tasks.next_due(now)
+        if watching:  # many in flight: the I/O thread lets the role go at the end of its turn
+            self._poke_receiver()
         self._awaiting.future = future  # settling it here needs no poke
         if not future.poke_armed:
             future.poke_armed = True
@@ -339,9 +343,16 @@ class Connection(ClientIO):
                 self._wake()
 
     def _hand_back(self) -> None:
-        """After a caller let the receiver role go: wake the I/O thread if others wait."""
+        """After a caller let the receiver role go: wake the I/O thread if others wait.
+
+        Task results alone wake it only if it sleeps past ``TASK_GRACE_S``: the
+        caller is likely back for its next result by then (a map's consumer),
+        and the I/O thread looks that often anyway (see ``_callers_receive``).
+        """
         with self._lock:
-            waiting = bool(self._calls or self._tasks or self._outbox or self._handoff)
+            waiting = bool(self._calls or self._outbox or self._handoff) or (
+                bool(self._tasks) and self._sleep_until > time.monotonic() + TASK_GRACE_S
+            )
         if waiting:
             self._wake()
 

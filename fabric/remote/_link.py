@@ -104,6 +104,7 @@ class Link:
         self.runtime = runtime or Runtime()
         self._on_welcome = on_welcome
         self.socket: zmq.Socket[bytes] | None = None
+        self.drained = False  # the last use of the socket was a look at EVENTS that found nothing
         self.ready = False
         self.welcome: Welcome | None = None
         self._heartbeat, self._liveness = 1.0, 3
@@ -144,6 +145,7 @@ class Link:
 
     def _send_frames(self, frames: list[bytes | bytearray | memoryview]) -> bool:
         assert self.socket is not None
+        self.drained = False
         first, *rest = frames  # the control frame, then the payload frames
         send = self.socket.send
         try:
@@ -161,7 +163,7 @@ class Link:
     def receive(self) -> list[Message]:
         """Drain the socket; return the messages for the owner (session traffic is handled)."""
         out: list[Message] = []
-        sock = self.socket
+        sock, self.drained = self.socket, False
         # asking EVENTS first is cheaper than the zmq.Again that ends every drain
         while sock is not None and cast(int, sock.get(_EVENTS)) & _POLLIN:
             try:
@@ -180,7 +182,23 @@ class Link:
                 log.warning("dropped a malformed message from the broker: %s", exc)
                 continue
             out += filter(self._session_message, messages)
+        else:
+            self.drained = sock is not None  # the loop's last look found no input
         return out
+
+    def input_pending(self) -> bool:
+        """Return whether input waits on the socket (ZMQ_EVENTS; not asked again if drained).
+
+        Each look at EVENTS polls libzmq's mailbox (a system call, GIL held). After
+        a look that found nothing, and no use of the socket since, the answer
+        stands for whoever is about to sleep on the socket's fd: input come since
+        makes that fd readable, as no call consumed its edge.
+        """
+        if self.drained or self.socket is None:
+            return False
+        pending = bool(cast(int, self.socket.get(_EVENTS)) & _POLLIN)
+        self.drained = not pending
+        return pending
 
     def _session_message(self, message: Message) -> bool:
         if isinstance(message, Welcome):
@@ -236,7 +254,7 @@ class Link:
                 server,
             )
         sock.connect(self.address)
-        self.socket = sock
+        self.socket, self.drained = sock, False
         self._hello()
 
     def _hello(self) -> None:

@@ -234,3 +234,17 @@ def test_submits_gathered_while_many_tasks_wait_reach_the_broker_with_no_result_
     assert tasks.queued + tasks.in_flight == len(futures)
     gate.set()
     assert [f.result(timeout=60) for f in futures] == ["released"] * len(futures)
+
+
+def test_a_caller_awaiting_one_of_many_results_receives_them_itself(cluster: Cluster) -> None:
+    # with many tasks in flight, a caller blocked in result() takes the receiver role from
+    # the I/O thread: results then wake the caller (it runs their callbacks) and no one else
+    cluster.node(processes=2)
+    with cluster.manager().Executor() as ex:
+        threads: list[str] = []
+        futures = [ex.submit(abs, -i) for i in range(200)]
+        for future in futures:
+            future.add_done_callback(lambda f: threads.append(threading.current_thread().name))
+        assert futures[-1].result(timeout=60) == 199
+        assert [f.result(timeout=60) for f in futures] == list(range(200))
+        assert threading.current_thread().name in threads
