@@ -242,7 +242,6 @@ def _codec(cls: type[Message]) -> _Codec:
         "ProtocolError": ProtocolError,
         "rule": _RULES.get(cls),
         "TYPE": cls.TYPE,
-        "new": object.__new__,
     }
     lines = ["def decode(control, payload):", "    get = control.get"]
     args, keys = [], []
@@ -267,13 +266,7 @@ def _codec(cls: type[Message]) -> _Codec:
             lines.append(f"    f{n} = {checked}")
         args.append(f"f{n}")
         keys.append(f"{f.name!r}: m.{f.name}")
-    # Built without __init__: a frozen dataclass's sets each field through
-    # object.__setattr__, twice the cost of the slot descriptors' own __set__.
-    assert not hasattr(cls, "__post_init__"), "the decoder would skip it"
-    lines.append("    message = new(cls)")
-    for f, arg in zip(dataclasses.fields(cls), args, strict=True):
-        env[f"set_{f.name}"] = cls.__dict__[f.name].__set__
-        lines.append(f"    set_{f.name}(message, {arg})")
+    lines.append(f"    message = cls({', '.join(args)})")
     if env["rule"] is not None:
         lines.append("    rule(message)")
     lines.append("    return message")

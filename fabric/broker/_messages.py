@@ -6,6 +6,7 @@ derives its encoder, decoder and field checks from the field type hints.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -299,3 +300,35 @@ MESSAGES: tuple[type[Message], ...] = (  # every message, by type byte
     Create, Call, Reply, Gone,
     Status, Stats, Error,
 )  # fmt: skip
+
+
+def _quick_init(cls: type[Message]) -> None:
+    """Give ``cls`` an ``__init__`` of the same signature that sets its slots directly.
+
+    A frozen dataclass's own sets each field through ``object.__setattr__``, at
+    twice the cost of the slot descriptor's ``__set__``; messages are made for
+    every task at every hop. Generated source, as ``dataclasses`` itself does.
+    """
+    env: dict[str, Any] = {"MISSING": dataclasses.MISSING}
+    params, body = [], []
+    for f in dataclasses.fields(cls):
+        env[f"set_{f.name}"] = cls.__dict__[f.name].__set__
+        value = f.name
+        if f.default is not dataclasses.MISSING:
+            env[f"default_{f.name}"] = f.default
+            params.append(f"{f.name}=default_{f.name}")
+        elif f.default_factory is not dataclasses.MISSING:
+            env[f"factory_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=MISSING")
+            value = f"factory_{f.name}() if {f.name} is MISSING else {f.name}"
+        else:
+            params.append(f.name)
+        body.append(f"    set_{f.name}(self, {value})")
+    source = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or ["    pass"])
+    exec(source, env)  # built above from our own dataclass fields
+    env["__init__"].__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = env["__init__"]  # type: ignore[method-assign]
+
+
+for _cls in MESSAGES:
+    _quick_init(_cls)
