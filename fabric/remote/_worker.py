@@ -45,7 +45,7 @@ import zmq
 
 from fabric.broker.protocol import Ack, Bye, Cancel, Dispatch, Result, Welcome
 from fabric.remote._link import Link, LinkRefused, Runtime
-from fabric.remote._pipes import read_frame, write_frame
+from fabric.remote._pipes import FrameReader, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ _ZMQ_FD = int(zmq.FD)  # (a plain int: getsockopt's enum wrapping costs more tha
 class _Slot:
     proc: subprocess.Popen[bytes]
     tasks: int  # write end: tasks to the process
-    results: int  # read end: results from it
+    results: FrameReader  # read end: results from it
     task: tuple[bytes, int] | None = None
     cancelled: bool = False
 
@@ -180,7 +180,7 @@ class WorkerNode:
             sock = link.socket
             if watched != (sock, self._spawned):  # the socket or a task process changed
                 watched = (sock, self._spawned)
-                by_fd = {slot.results: slot for slot in self._slots}
+                by_fd = {slot.results.fd: slot for slot in self._slots}
                 poller = select.poll()
                 for fd in (self._wake_r, *by_fd):
                     poller.register(fd, select.POLLIN)
@@ -235,7 +235,7 @@ class WorkerNode:
         if self._draining:
             log.info("draining: not starting task %s (the broker re-queues it)", message.task.hex())
             return
-        if len(self._queued) >= self.prefetch and all(s.task is not None for s in self._slots):
+        if len(self._queued) >= self.prefetch and self._idle_slot() is None:
             # the broker overdrew our credit: hand the task back
             log.warning("no free slot for task %s", message.task.hex())
             self._report(
@@ -253,17 +253,20 @@ class WorkerNode:
 
     def _feed(self) -> None:
         """Hand queued tasks to idle task processes, oldest first."""
-        while self._queued:
-            slot = next((s for s in self._slots if s.task is None), None)
-            if slot is None:
-                return
+        while self._queued and (slot := self._idle_slot()) is not None:
             message = self._queued.popleft()
             slot.task, slot.cancelled = (message.task, message.attempt), False
             with contextlib.suppress(OSError):  # a dead process: _collect reports its EOF
-                write_frame(slot.tasks, *(bytes(frame) for frame in message.payload))
+                write_frame(slot.tasks, *message.payload)
+
+    def _idle_slot(self) -> _Slot | None:
+        for slot in self._slots:
+            if slot.task is None:
+                return slot
+        return None
 
     def _collect(self, slot: _Slot) -> None:
-        frame = read_frame(slot.results)
+        frame = slot.results.read()
         task = slot.task
         if frame is not None:
             slot.task = None
@@ -353,10 +356,10 @@ class WorkerNode:
         os.close(task_r)
         os.close(result_w)
         self._spawned += 1
-        return _Slot(proc, task_w, result_r)
+        return _Slot(proc, task_w, FrameReader(result_r))
 
     def _reap(self, slot: _Slot) -> int:
-        for fd in (slot.tasks, slot.results):
+        for fd in (slot.tasks, slot.results.fd):
             os.close(fd)
         try:
             return slot.proc.wait(self._grace)
@@ -375,7 +378,7 @@ class WorkerNode:
             except subprocess.TimeoutExpired:
                 slot.proc.kill()
                 slot.proc.wait()
-            os.close(slot.results)
+            os.close(slot.results.fd)
         self._slots = []
         self._link.close_socket()
         self._context.term()
