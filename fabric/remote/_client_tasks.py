@@ -26,7 +26,7 @@ ResultCallback = Callable[[str, str, bytes], None]
 """Called once per task, on the I/O thread, with (status, message, payload)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingTask:
     message: Submit
     on_result: ResultCallback

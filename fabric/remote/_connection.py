@@ -162,10 +162,11 @@ class Connection(ClientIO):
     ) -> None:
         """Submit ``(task id, payload, on_result)`` tasks in order, under one lock each way."""
         messages: list[Message] = []
+        requires = requires or {}  # one map for all (a message's fields are never changed)
         with self._lock:
             self._check_open()
             for task, payload, on_result in tasks:
-                message = Submit(task=task, requires=requires or {}, payload=(payload,))
+                message = Submit(task=task, requires=requires, payload=(payload,))
                 self._tasks.add(message, on_result)
                 messages.append(message)
             self._tasks_at = now = time.monotonic()
