@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from fabric.remote._pipes import read_frame, write_frame
+from fabric.remote._pipes import FrameReader, write_frame
 from fabric.remote._runner import TaskRunner
 
 _PR_SET_PDEATHSIG = 1
@@ -35,8 +35,8 @@ def main(argv: list[str]) -> int:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    runner = TaskRunner()
-    while (payload := read_frame(task_fd)) is not None:
+    runner, tasks = TaskRunner(), FrameReader(task_fd)
+    while (payload := tasks.read()) is not None:
         ok, result = runner.run(payload)
         write_frame(result_fd, b"\1" if ok else b"\0", result)
     return 0

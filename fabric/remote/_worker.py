@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -38,21 +39,24 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import FrameType
+from typing import cast
 
 import zmq
 
 from fabric.broker.protocol import Ack, Bye, Cancel, Dispatch, Result, Welcome
 from fabric.remote._link import Link, LinkRefused, Runtime
-from fabric.remote._pipes import read_frame, write_frame
+from fabric.remote._pipes import FrameReader, write_frame
 
 log = logging.getLogger(__name__)
+
+_ZMQ_FD = int(zmq.FD)  # (a plain int: getsockopt's enum wrapping costs more than the call)
 
 
 @dataclass
 class _Slot:
     proc: subprocess.Popen[bytes]
     tasks: int  # write end: tasks to the process
-    results: int  # read end: results from it
+    results: FrameReader  # read end: results from it
     task: tuple[bytes, int] | None = None
     cancelled: bool = False
 
@@ -118,6 +122,7 @@ class WorkerNode:
             on_welcome=self._resend,
         )
         self._slots: list[_Slot] = []
+        self._spawned = 0  # task processes started so far: the loop's poller follows it
         self._queued: deque[Dispatch] = deque()  # prefetched, not started (arrival order)
         self._unacked: dict[tuple[bytes, int], Result] = {}
         self._unsent: list[tuple[bytes, int]] = []
@@ -164,32 +169,44 @@ class WorkerNode:
 
     # --- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
-        poller, watched = zmq.Poller(), None
+        # One select.poll of the wake-up pipe, the task processes' result pipes and the
+        # socket's readiness fd (zmq.FD): one system call per turn, where zmq.Poller
+        # looks at EVENTS before and after its poll. zmq.FD is edge-triggered and any
+        # use of the socket may consume its edge, so input is looked for (EVENTS) before
+        # sleeping unless the last use of the socket was such a look that found none.
+        poller, by_fd, watched = select.poll(), {}, None
+        link = self._link
         while not (self._draining and self._idle()) and not self._stop_now:
-            # rebuilt only when the socket or a task process changed, not per task
-            if watched != (self._link.socket, [slot.results for slot in self._slots]):
-                watched = (self._link.socket, [slot.results for slot in self._slots])
-                poller = zmq.Poller()
-                poller.register(self._wake_r, zmq.POLLIN)
-                if self._link.socket is not None:
-                    poller.register(self._link.socket, zmq.POLLIN)
-                for slot in self._slots:
-                    poller.register(slot.results, zmq.POLLIN)
-            timeout = self._link.next_tick(time.monotonic())
-            events = dict(poller.poll(int(timeout * 1000) + 1))
-            if self._wake_r in events:
-                os.read(self._wake_r, 4096)
-            for slot in list(self._slots):
-                if slot.results in events:
-                    self._collect(slot)
+            sock = link.socket
+            if watched != (sock, self._spawned):  # the socket or a task process changed
+                watched = (sock, self._spawned)
+                by_fd = {slot.results.fd: slot for slot in self._slots}
+                poller = select.poll()
+                for fd in (self._wake_r, *by_fd):
+                    poller.register(fd, select.POLLIN)
+                if sock is not None:
+                    poller.register(cast(int, sock.get(_ZMQ_FD)), select.POLLIN)
+            if link.input_pending():
+                events = poller.poll(0)
+            else:
+                events = poller.poll(int(link.next_tick(time.monotonic()) * 1000) + 1)
+            signalled = False  # the socket's fd: input may have come
+            for fd, _ in events:
+                if fd in by_fd:
+                    self._collect(by_fd[fd])
+                elif fd == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                else:
+                    signalled = True
             self._send_unsent()  # the results collected above leave as one BATCH
-            if self._link.socket is not None and self._link.socket in events:
-                for message in self._link.receive():
+            # drained and not signalled since: no input (it would have made the fd readable)
+            if sock is not None and sock is link.socket and (signalled or not link.drained):
+                for message in link.receive():  # ends on a look at EVENTS that found none
                     self._on_message(message)
                 self._send_unsent()
-            self._link.tick(time.monotonic())
-        if self._link.ready and not self._stop_now:
-            self._link.say_bye(Bye())
+            link.tick(time.monotonic())
+        if link.ready and not self._stop_now:
+            link.say_bye(Bye())
         log.info("worker node %s drained", self.name)
 
     def _idle(self) -> bool:
@@ -218,7 +235,7 @@ class WorkerNode:
         if self._draining:
             log.info("draining: not starting task %s (the broker re-queues it)", message.task.hex())
             return
-        if len(self._queued) >= self.prefetch and all(s.task is not None for s in self._slots):
+        if len(self._queued) >= self.prefetch and self._idle_slot() is None:
             # the broker overdrew our credit: hand the task back
             log.warning("no free slot for task %s", message.task.hex())
             self._report(
@@ -236,17 +253,20 @@ class WorkerNode:
 
     def _feed(self) -> None:
         """Hand queued tasks to idle task processes, oldest first."""
-        while self._queued:
-            slot = next((s for s in self._slots if s.task is None), None)
-            if slot is None:
-                return
+        while self._queued and (slot := self._idle_slot()) is not None:
             message = self._queued.popleft()
             slot.task, slot.cancelled = (message.task, message.attempt), False
             with contextlib.suppress(OSError):  # a dead process: _collect reports its EOF
-                write_frame(slot.tasks, *(bytes(frame) for frame in message.payload))
+                write_frame(slot.tasks, *message.payload)
+
+    def _idle_slot(self) -> _Slot | None:
+        for slot in self._slots:
+            if slot.task is None:
+                return slot
+        return None
 
     def _collect(self, slot: _Slot) -> None:
-        frame = read_frame(slot.results)
+        frame = slot.results.read()
         task = slot.task
         if frame is not None:
             slot.task = None
@@ -335,10 +355,11 @@ class WorkerNode:
         )
         os.close(task_r)
         os.close(result_w)
-        return _Slot(proc, task_w, result_r)
+        self._spawned += 1
+        return _Slot(proc, task_w, FrameReader(result_r))
 
     def _reap(self, slot: _Slot) -> int:
-        for fd in (slot.tasks, slot.results):
+        for fd in (slot.tasks, slot.results.fd):
             os.close(fd)
         try:
             return slot.proc.wait(self._grace)
@@ -357,7 +378,7 @@ class WorkerNode:
             except subprocess.TimeoutExpired:
                 slot.proc.kill()
                 slot.proc.wait()
-            os.close(slot.results)
+            os.close(slot.results.fd)
         self._slots = []
         self._link.close_socket()
         self._context.term()
