@@ -49,11 +49,25 @@ def _batched(items: Iterable[T], n: int) -> Iterator[tuple[T, ...]]:
 
 
 class _TaskFuture(AwaitedFuture[T]):
-    """A task's Future whose ``result()``/``exception()`` receive in the waiting thread."""
+    """A task's Future whose ``result()``/``exception()`` receive in the waiting thread.
 
-    def __init__(self, conn: Connection) -> None:
+    Its executor hears of a cancel from ``cancel`` itself and of a result from
+    its own callback: no done-callback per task.
+    """
+
+    def __init__(self, conn: Connection, executor: Executor, task: bytes) -> None:
         super().__init__()
-        self._conn = conn
+        self._conn, self._executor, self.task = conn, executor, task
+        self._untold = True  # the executor has not heard of a cancel yet
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        with self._condition:  # cancel() answers True again later: tell the executor once
+            first, self._untold = self._untold, False
+        if first:
+            self._executor._cancelled(self)
+        return True
 
     def result(self, timeout: float | None = None) -> T:
         return super().result(self._receive(timeout))
@@ -98,18 +112,20 @@ class Executor(cf.Executor):
     def _submit_payload(self, payload: bytes) -> cf.Future[Any]:
         return self._submit_payloads([payload])[0]
 
-    def _submit_payloads(self, payloads: list[bytes]) -> list[cf.Future[Any]]:
+    def _submit_payloads(self, payloads: list[bytes]) -> list[_TaskFuture[Any]]:
         """Submit pickled tasks in order, as one batch for the connection; return their futures."""
-        futures: list[cf.Future[Any]] = [_TaskFuture(self._conn) for _ in payloads]
+        new_task_id = self._conn.new_task_id
+        futures: list[_TaskFuture[Any]] = [
+            _TaskFuture(self._conn, self, new_task_id()) for _ in payloads
+        ]
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._pending.update(futures)
-        entries: list[tuple[bytes, bytes, ResultCallback]] = []
-        for future, payload in zip(futures, payloads, strict=True):
-            task = self._conn.new_task_id()
-            future.add_done_callback(functools.partial(self._settled, task=task))
-            entries.append((task, payload, functools.partial(self._resolve, future)))
+        entries: list[tuple[bytes, bytes, ResultCallback]] = [
+            (future.task, payload, functools.partial(self._resolve, future))
+            for future, payload in zip(futures, payloads, strict=True)
+        ]
         try:
             self._conn.submit_many(entries, self._requires)
         except BaseException:
@@ -169,16 +185,15 @@ class Executor(cf.Executor):
             return {"pending": len(self._pending)}
 
     # --- results ----------------------------------------------------------------------
-    def _settled(self, future: cf.Future[Any], task: bytes) -> None:
+    def _cancelled(self, future: _TaskFuture[Any]) -> None:
         with self._lock:
             self._pending.discard(future)
-        if future.cancelled():
-            # move CANCELLED to CANCELLED_AND_NOTIFIED, or as_completed()/wait() never see it
-            future.set_running_or_notify_cancel()
-            with contextlib.suppress(FabricError):  # a closed connection has nothing to cancel
-                self._conn.cancel(task)
+        # move CANCELLED to CANCELLED_AND_NOTIFIED, or as_completed()/wait() never see it
+        future.set_running_or_notify_cancel()
+        with contextlib.suppress(FabricError):  # a closed connection has nothing to cancel
+            self._conn.cancel(future.task)
 
-    def _resolve(self, future: cf.Future[Any], status: str, message: str, payload: bytes) -> None:
+    def _resolve(self, future: _TaskFuture[Any], status: str, message: str, payload: bytes) -> None:
         if future.done():
             return  # cancelled here first
         if status in ("ok", "error"):
@@ -199,6 +214,8 @@ class Executor(cf.Executor):
             _set(future, error=BrokerUnavailable(message))
         else:
             _set(future, error=FabricError(f"task {status}: {message}"))
+        with self._lock:  # (a cancel has told the executor itself)
+            self._pending.discard(future)
 
 
 def _set(future: cf.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:

@@ -94,6 +94,22 @@ def test_shutdown_cancels_pending_futures(cluster: Cluster) -> None:
     assert mgr.Executor().submit(abs, -5).result(timeout=60) == 5
 
 
+def test_a_cancelled_future_leaves_the_outstanding_ones(cluster: Cluster) -> None:
+    cluster.node(processes=1)
+    mgr = cluster.manager()
+    gate = mgr.Event()
+    ex = mgr.Executor()
+    running = ex.submit(wait_for, gate)
+    queued = ex.submit(abs, -1)
+    assert set(ex.outstanding()) == {running, queued}
+    assert queued.cancel() and queued.cancel()  # the second one changes nothing
+    assert ex.outstanding() == [running]
+    assert cf.wait([queued], timeout=0).done == {queued}  # notified: wait() sees it
+    gate.set()
+    assert running.result(timeout=60) == "released"
+    assert not running.cancel()
+
+
 def test_map_timeout_raises(cluster: Cluster) -> None:
     cluster.node(processes=1)
     mgr = cluster.manager()
