@@ -309,9 +309,12 @@ def _quick_init(cls: type[Message]) -> None:
     twice the cost of the slot descriptor's ``__set__``; messages are made for
     every task at every hop. Generated source, as ``dataclasses`` itself does.
     """
+    fields = dataclasses.fields(cls)
+    if hasattr(cls, "__post_init__") or not all(f.init and not f.kw_only for f in fields):
+        raise TypeError(f"{cls.__name__}: only plain positional fields are supported here")
     env: dict[str, Any] = {"MISSING": dataclasses.MISSING}
     params, body = [], []
-    for f in dataclasses.fields(cls):
+    for f in fields:
         env[f"set_{f.name}"] = cls.__dict__[f.name].__set__
         value = f.name
         if f.default is not dataclasses.MISSING:
@@ -332,3 +335,4 @@ def _quick_init(cls: type[Message]) -> None:
 
 for _cls in MESSAGES:
     _quick_init(_cls)
+del _cls
