@@ -324,19 +324,8 @@ class Connection(ClientIO):
         connection fails; the caller then waits on its latch.
         """
         while not pending.done.is_set() and self._fatal is None and not self._closing:
-            with self._sock_lock:
-                sock = self._link.socket
-                if sock is None or not self._link.ready:
-                    return
-                fd = cast(int, sock.get(ZMQ_FD))
-                ready = self._input_pending()
-            if not ready:
-                self._sleep_on(fd, RETRY_S)
-            try:
-                callbacks = self._receive()
-            except LinkRefused as refused:
-                self._refused = refused  # the I/O thread ends the session
-                self._wake()
+            callbacks = self._receive_once(RETRY_S)
+            if callbacks is None:
                 return
             if callbacks:
                 with self._lock:
