@@ -19,8 +19,10 @@ ROLES = ("client", "worker", "host", "admin")
 
 # Result statuses. "ok" and "error" carry the worker's pickled value or
 # exception; "crashed" is a worker's report that the task process died (the
-# broker retries it); the rest are made by the broker and carry no payload.
-STATUSES = ("ok", "error", "crashed", "cancelled", "lost", "poisoned", "expired")
+# broker retries it, counting toward the poison limit); "returned" hands back a
+# task the worker never started (it had no free slot: the broker queues it
+# again, counting nothing); the rest are made by the broker and carry no payload.
+STATUSES = ("ok", "error", "crashed", "returned", "cancelled", "lost", "poisoned", "expired")
 
 
 @dataclass(frozen=True, slots=True)

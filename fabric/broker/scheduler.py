@@ -7,6 +7,8 @@ states (the table below is the one ``docs/protocol.md`` draws)::
     QUEUED ──credit──> DISPATCHED ──RESULT──> RESULTED ──DONE──> tombstone
        ^                   │
        └──worker lost──────┘   (attempt + 1; past max_retries: RESULTED "lost")
+          crashed, returned        (crashed poison_limit times: RESULTED "poisoned";
+                                    returned unstarted: counts nothing)
 
 Invariants, held after every call:
 
@@ -258,12 +260,15 @@ class Scheduler:
             self._counts["duplicates"] += 1
             return self._dispatch()
         current = task.worker == session and message.attempt == task.attempt
-        if message.status == "crashed":
+        if message.status in ("crashed", "returned"):
             if not current:
                 self._counts["duplicates"] += 1
                 return self._dispatch()
             assert worker is not None
-            outs += self._crashed(task, message.message, worker, now)
+            if message.status == "crashed":
+                outs += self._crashed(task, message.message, worker, now)
+            else:  # never started there: queued again, counting neither crash nor loss
+                outs += self._requeue(task, worker, None, now)
         else:
             if current and worker is not None:
                 worker.running.discard(task.key)

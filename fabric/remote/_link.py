@@ -209,8 +209,16 @@ class Link:
         if isinstance(message, Heartbeat):
             return False
         if isinstance(message, Error) and message.code == "hello-required":
-            log.info("broker at %s forgot session %s: saying HELLO again", self.address, self.tag)
-            self._hello()
+            # One HELLO per loss: the ERRORs answering the rest of a burst sent before
+            # the broker's first one arrived find a HELLO on its way (not ready) and
+            # must not send more. Each HELLO re-states our free slots as the whole
+            # credit, so a second one, sent before the tasks the first allowed reach
+            # us, would let the broker overdraw (the node hands those back).
+            if self.ready:
+                log.info(
+                    "broker at %s forgot session %s: saying HELLO again", self.address, self.tag
+                )
+                self._hello()
             return False
         if isinstance(message, Error):
             log.warning("broker error %s: %s", message.code, message.message)

@@ -236,13 +236,13 @@ class WorkerNode:
             log.info("draining: not starting task %s (the broker re-queues it)", message.task.hex())
             return
         if len(self._queued) >= self.prefetch and self._idle_slot() is None:
-            # the broker overdrew our credit: hand the task back
-            log.warning("no free slot for task %s", message.task.hex())
+            # the broker overdrew our credit: hand the task back, unstarted
+            log.info("no free slot for task %s: returned to the broker", message.task.hex())
             self._report(
                 Result(
                     task=message.task,
                     attempt=message.attempt,
-                    status="crashed",
+                    status="returned",
                     message="worker node had no free slot",
                     credit=0,
                 )

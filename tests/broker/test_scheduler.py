@@ -203,6 +203,22 @@ def test_a_task_that_crashes_its_process_is_poisoned_after_the_limit() -> None:
     assert "killed its task process 2 times (SIGKILL; SIGSEGV)" in result.message
 
 
+def test_a_task_handed_back_unstarted_is_queued_again_without_counting() -> None:
+    # a node the broker overdrew (a repeated HELLO re-stated its credit) hands tasks
+    # back: however often, that is neither a crash toward poisoning nor a loss
+    s = Scheduler(Limits(poison_limit=2, max_retries=0))
+    s.add_client(A, 0)
+    s.submit(A, b"t", (), 0)
+    ((_, d),) = dispatches(s.add_worker(W1, 0, capacity=1))
+    for attempt in range(1, 5):
+        s.credit(W1, 1)  # the overdrawn credit, spent again on the same task
+        ((_, d),) = dispatches(s.result(W1, Result(d.task, attempt, "returned"), 0))
+        assert d.attempt == attempt + 1
+    assert s.result(W1, Result(d.task, 5, "returned"), 0) == []  # no credit left: it waits
+    ((_, d),) = dispatches(s.add_worker(W2, 0, capacity=1))
+    assert sent(finish(s, W2, d), Result, A) == [Result(b"t", 6, "ok", payload=(b"v",))]
+
+
 def test_first_result_wins_and_the_rerun_is_cancelled() -> None:
     s = Scheduler(Limits(liveness_timeout=1))
     s.add_client(A, 0)
@@ -376,6 +392,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         d = self.running[worker].pop(data.draw(st.integers(0, len(self.running[worker]) - 1)))
         self.granted[worker] += 1
         self.apply(self.s.result(worker, Result(d.task, d.attempt, status, credit=1), self.now))
+
+    @rule(data=st.data())
+    def worker_hands_back(self, data: st.DataObject) -> None:
+        """A node with no free slot returns a task unstarted, and no credit."""
+        busy = [w for w in WORKERS if self.running[w]]
+        if not busy:
+            return
+        worker = data.draw(st.sampled_from(busy))
+        d = self.running[worker].pop(data.draw(st.integers(0, len(self.running[worker]) - 1)))
+        self.apply(self.s.result(worker, Result(d.task, d.attempt, "returned"), self.now))
 
     @precondition(lambda self: self.orphans)
     @rule(data=st.data(), status=st.sampled_from(["ok", "crashed"]))

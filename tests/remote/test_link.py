@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zmq
 
-from fabric.broker.protocol import Hello, Submit, decode_many
+from fabric.broker.protocol import Cancel, Error, Hello, Submit, Welcome, decode_many, encode
 from fabric.remote._link import Link
 
 
@@ -27,6 +27,44 @@ def test_send_many_batches_in_order_and_a_lone_message_goes_plain() -> None:
             messages += 1
         assert got == [*tasks, tasks[0]]
         assert messages < 20  # batched (a lone message is its own)
+    finally:
+        link.close_socket()
+        router.close(linger=0)
+        context.term()
+
+
+def test_a_burst_of_hello_required_errors_gets_one_hello() -> None:
+    # Each HELLO re-states the node's free slots as its whole credit: a second one
+    # sent before the tasks the first allowed arrive would let the broker overdraw.
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    link = Link(context, "inproc://link-hello", role="worker", name="t")
+    marker = Cancel(task=b"marker", attempt=1)
+
+    def receive_until(wanted: object) -> None:
+        while link.socket is not None and link.socket.poll(10_000):
+            if wanted in link.receive():
+                return
+        raise AssertionError(f"{wanted} never came")
+
+    try:
+        router.bind("inproc://link-hello")
+        link.open()
+        route, *frames = router.recv_multipart()
+        hello = decode_many(frames)[0]
+        assert isinstance(hello, Hello)
+        for message in (Welcome(hello.session, 1.0, 3, b"b1"), marker):
+            router.send_multipart([route, *encode(message)])
+        receive_until(marker)
+        assert link.ready
+        for _ in range(3):  # the answers to a burst sent after the broker forgot us
+            router.send_multipart([route, *encode(Error("hello-required", "send HELLO first"))])
+        router.send_multipart([route, *encode(marker)])
+        receive_until(marker)  # every ERROR was handled before it
+        hellos = []
+        while router.poll(100):
+            hellos += decode_many(router.recv_multipart()[1:])
+        assert [type(m) for m in hellos] == [Hello]
     finally:
         link.close_socket()
         router.close(linger=0)
