@@ -11,13 +11,14 @@ import random
 import signal
 import threading
 import time
+from typing import Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fabric.local import _ring
-from fabric.local.queues import Queue
+from fabric.local.queues import JoinableQueue, Queue
 
 CTX = multiprocessing.get_context("fork")
 
@@ -111,6 +112,49 @@ def test_consumer_killed_right_after_its_claim_leaves_qsize_exact(size: int) -> 
     q.put_nowait(b"after")  # maxsize=1: the lost message holds no slot
     assert q.get(timeout=5) == b"after"
     assert q.qsize() == 0
+
+
+Point = Literal["admitted", "reserved"]
+
+
+def _put_then_die(q: Queue, point: Point, size: int) -> None:
+    _ring._die_at(point)  # SIGKILL at that point of the put
+    q.put(b"lost" * (size // 4), timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("point", "size"),
+    [("admitted", 100), ("admitted", 40_000), ("reserved", 100)],
+    ids=["admitted-whole", "admitted-streamed", "reserved-whole"],
+)
+def test_producer_killed_around_its_reservation_keeps_counts_exact(point: Point, size: int) -> None:
+    # "admitted": past the maxsize check, before the tail CAS, where a producer
+    # used to have counted its message in (qsize, a maxsize slot and an
+    # unfinished task stayed taken forever). "reserved": right after the CAS,
+    # before the record exists; someone else counts the message in and out.
+    q = JoinableQueue(maxsize=2, capacity=64 * 1024)  # 40 kB: three fragments
+    q.put(b"first")
+    p = CTX.Process(target=_put_then_die, args=(q, point, size))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    assert q.get(timeout=5) == b"first"
+    q.task_done()
+    with pytest.raises(queue.Empty):
+        q.get_nowait()  # also marks a dead producer's unstamped record abandoned
+    assert q.qsize() == 0
+    q.join(timeout=5)  # no task waits for the dead producer's message
+    for i in range(2):  # both maxsize slots are free
+        q.put(i, timeout=5)
+    with pytest.raises(queue.Full):
+        q.put_nowait(2)
+    assert q.qsize() == 2
+    assert [q.get(timeout=5) for _ in range(2)] == [0, 1]
+    q.task_done()
+    q.task_done()
+    q.join(timeout=5)
+    assert q.qsize() == 0
+    q.close()
 
 
 def _produce_forever(q: Queue, started: threading.Event, seed: int) -> None:

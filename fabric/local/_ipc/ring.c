@@ -12,6 +12,9 @@
  *   tail    next free position. 128 bits {pos; pid, size, flags} changed only
  *           by a double-width CAS, so a reservation also records who made it
  *           and how big it is (see "unstamped reservations" below).
+ *   cin     128 bits {pos; in}: `in` counts the messages reserved below pos;
+ *           pos trails tail by at most the newest reservation (see
+ *           "counting" below).
  *   rclaim  first record no consumer has claimed yet (a hint anyone may push
  *           forward past a claimed record). 128 bits {pos; out}: `out`
  *           counts the messages rclaim has passed (see "counting" below).
@@ -43,13 +46,20 @@
  * tail CAS when the owner is dead), so at most the newest reservation can be
  * unstamped and its owner is always known.
  *
- * Counting. qsize is `count - out`: a producer counts a message in (count,
- * checked against maxsize) before it reserves, and a message is counted out
- * by the very CAS that moves rclaim past its first record, whoever makes it
- * (its claimer, a helper, a reaper) and whatever the record became (claimed,
- * abandoned). Counting out at the claim instead (a decrement after the state
- * CAS) left a window: a consumer killed between the two had claimed the
- * message but never counted it out, and qsize stayed one too high forever.
+ * Counting. qsize is `in - out`. A message is counted out by the very CAS
+ * that moves rclaim past its first record, whoever makes it (its claimer, a
+ * helper, a reaper) and whatever the record became (claimed, abandoned). It
+ * is counted in by its tail CAS: a producer reserves only once cin has caught
+ * up with tail, so while cin lags tail cannot move, and the one record cin
+ * has not passed is the newest reservation, whose size and fragment role
+ * tail itself records; anyone may push cin past it without reading the
+ * record. The maxsize check reads `in` at the tail position the CAS expects,
+ * so a successful CAS proves no other message was admitted meanwhile. A
+ * process killed at any point has thus counted a message both in and out,
+ * or neither. Counting at the claim (a decrement after the state CAS), or
+ * before the reservation (an increment before the tail CAS), left windows
+ * in which a kill left qsize one too high forever. JoinableQueue's unfinished
+ * tasks are likewise `in - finished` (task_done calls and lost messages).
  *
  * Messages bigger than a quarter of the ring are streamed as FIRST, MID...,
  * LAST fragments. A streaming producer owns `wstream` and sets a STREAM flag
@@ -126,14 +136,15 @@ typedef struct {
     uint32_t max_frag, joinable;
     char _p0[64 - 40];
     _Alignas(16) uint64_t tail[2]; /* [0] pos, [1] hi; 16-aligned for cmpxchg16b */
-    char _p1[64 - 16];
+    _Alignas(16) uint64_t cin[2];  /* [0] pos, [1] messages counted in: tail's line, as every put uses both */
+    char _p1[64 - 32];
     _Alignas(16) uint64_t rclaim[2]; /* [0] pos, [1] messages counted out */
     char _p2[64 - 16];
     _Atomic uint64_t head;
     char _p3[64 - 8];
-    _Atomic int64_t count, unfinished; /* count: messages counted in */
+    _Atomic int64_t finished; /* JoinableQueue: task_done calls and lost messages */
     _Atomic uint64_t abandoned, puts, gets;
-    char _p4[64 - 40];
+    char _p4[64 - 32];
     _Atomic uint32_t data_seq;
     char _p5[64 - 4];
     _Atomic uint32_t space_seq;
@@ -183,7 +194,7 @@ static inline void cpu_relax(void)
 /* Test hook: the point at which this process kills itself with SIGKILL (0:
  * none), so a test can stand for a kill -9 landing at that exact instruction
  * without racing a real one. One relaxed load per use. */
-enum { DIE_NEVER = 0, DIE_CLAIMED };
+enum { DIE_NEVER = 0, DIE_CLAIMED, DIE_ADMITTED, DIE_RESERVED };
 static _Atomic int die_at;
 static inline void die_here(int point)
 {
@@ -287,12 +298,48 @@ static inline int tail_cas(Ring *r, uint64_t lo, uint64_t hi, uint64_t nlo, uint
 
 static inline uint64_t rclaim_pos(Ring *r) { return __atomic_load_n(&r->h->rclaim[0], __ATOMIC_ACQUIRE); }
 
-/* Messages in the ring: read `out` first, so the snapshot never goes below
- * zero (a message is counted in before any record of it exists). */
+static inline int is_start(unsigned frag) { return frag == F_WHOLE || frag == F_FIRST; }
+
+/* Count in the newest reservation {lo, hi} (a tail snapshot) if cin has not
+ * passed it yet, and return `in` as of tail position lo, or -1 if tail has
+ * moved past lo since the snapshot. Every reserving tail CAS expects cin.pos
+ * == its old pos (try_reserve), so cin.pos is lo or lo - HI_SIZE(hi) while
+ * tail is at lo, and HI_FRAG(hi) is that record's role: no record is read,
+ * so it does not matter whether its producer lived to stamp it. cin's pos
+ * grows with every CAS, so its pairs are never torn (pair_load). */
+static int64_t count_in(Ring *r, uint64_t lo, uint64_t hi)
+{
+    for (;;) {
+        uint64_t pos, in;
+        pair_load(r->h->cin, &pos, &in);
+        if (pos == lo)
+            return (int64_t)in;
+        if (pos != lo - HI_SIZE(hi))
+            return -1; /* cin (hence tail) moved past lo */
+        uint64_t add = is_start(HI_FRAG(hi));
+        if (pair_cas(r->h->cin, pos, in, lo, in + add))
+            return (int64_t)(in + add);
+    }
+}
+
+/* The messages reserved so far, counting in the newest reservation. */
+static int64_t settle_in(Ring *r)
+{
+    for (;;) {
+        uint64_t lo, hi;
+        tail_load(r, &lo, &hi);
+        int64_t in = count_in(r, lo, hi);
+        if (in >= 0)
+            return in;
+    }
+}
+
+/* Messages in the ring: `out` first, then `in` up to a later tail, which is
+ * past every record rclaim had passed, so the difference is never negative. */
 static inline int64_t ring_depth(Ring *r)
 {
     uint64_t out = __atomic_load_n(&r->h->rclaim[1], __ATOMIC_ACQUIRE);
-    return atomic_load_explicit(&r->h->count, memory_order_acquire) - (int64_t)out;
+    return settle_in(r) - (int64_t)out;
 }
 
 /* Move rclaim from pos past the record there, whose info was read while
@@ -361,6 +408,16 @@ static inline void wake_space(Ring *r) { wake_if_waiting(&r->h->space_seq); }
 
 enum { RC_OK = 0, RC_SPACE, RC_FULL, RC_STREAM, RC_PREV, RC_EMPTY, RC_BUSY, RC_EOF };
 
+/* A JoinableQueue message lost with a killed process: nobody will call
+ * task_done for it, so count it finished now. */
+static void lose_task(Ring *r)
+{
+    if (!r->h->joinable)
+        return;
+    atomic_fetch_add_explicit(&r->h->finished, 1, memory_order_relaxed);
+    wake_if_waiting(&r->h->join_seq);
+}
+
 /* Stamp the newest reservation {lo, hi} as ABANDONED on behalf of its dead
  * owner: take it over with a tail CAS first so exactly one process writes. */
 static void rescue_newest(Ring *r, uint64_t lo, uint64_t hi)
@@ -374,9 +431,10 @@ static void rescue_newest(Ring *r, uint64_t lo, uint64_t hi)
     atomic_store_explicit(&rec->state, STATE(me(), S_ABANDONED), memory_order_relaxed);
     atomic_store_explicit(&rec->seq, stamp(r, pos), memory_order_release);
     atomic_fetch_add_explicit(&r->h->abandoned, 1, memory_order_relaxed);
-    /* the dead producer's message is counted out when rclaim passes it */
-    if (r->h->joinable && (HI_FRAG(hi) == F_WHOLE || HI_FRAG(hi) == F_FIRST))
-        atomic_fetch_sub_explicit(&r->h->unfinished, 1, memory_order_relaxed);
+    /* the dead producer's message was counted in by its tail CAS; it is
+     * counted out when rclaim passes it */
+    if (is_start(HI_FRAG(hi)))
+        lose_task(r);
     wake_data(r);
 }
 
@@ -419,12 +477,30 @@ static inline void stamp_writing(Ring *r, uint64_t pos, uint32_t info)
     atomic_store_explicit(&rec->seq, stamp(r, pos), memory_order_release);
 }
 
+/* Whether a new message would exceed maxsize, given `in` as of the tail
+ * position its CAS will expect. `out` only grows, so a stale one errs on the
+ * side of full; a dead consumer's claim may not be counted out yet, hence
+ * one settle before saying so. */
+static int at_maxsize(Ring *r, int64_t in)
+{
+    for (int settled = 0;; settled = 1) {
+        int64_t out = (int64_t)__atomic_load_n(&r->h->rclaim[1], __ATOMIC_ACQUIRE);
+        if (in - out < r->h->maxsize)
+            return 0;
+        if (settled)
+            return 1;
+        settle_rclaim(r);
+    }
+}
+
 /* Try to reserve a record for a payload described by `info` and stamp it.
  * stream_owner: the caller holds wstream; stream_flag: the stream stays open
  * after this fragment; need: free bytes required (at least the record's;
- * more to make room for a whole stream at once). Stamping right after the
- * CAS, in the same call, keeps the unstamped window a few instructions long
- * (never across a GIL wait). */
+ * more to make room for a whole stream at once). A record that starts a
+ * message is admitted against maxsize, and counted in, by the tail CAS
+ * itself (see "counting"). Stamping right after the CAS, in the same call,
+ * keeps the unstamped window a few instructions long (never across a GIL
+ * wait). */
 static int try_reserve(Ring *r, uint32_t info, int stream_owner, int stream_flag, uint64_t need, uint64_t *pos)
 {
     uint32_t size = rec_size(INFO_LEN(info));
@@ -441,46 +517,26 @@ static int try_reserve(Ring *r, uint32_t info, int stream_owner, int stream_flag
         }
         if (HI_STREAM(hi) && !stream_owner)
             return RC_STREAM;
+        /* cin must reach lo before tail may leave it; `in` is then exact for
+         * as long as tail stays at {lo, hi}, which our CAS checks */
+        int64_t in = count_in(r, lo, hi);
+        if (in < 0)
+            continue;
+        if (r->h->maxsize > 0 && is_start(INFO_FRAG(info)) && at_maxsize(r, in))
+            return RC_FULL;
         uint64_t head = atomic_load_explicit(&r->h->head, memory_order_acquire);
         if (lo + need - head > r->cap)
             return RC_SPACE;
+        die_here(DIE_ADMITTED);
+        /* Full barrier: the loads of cin, out and head above happen before
+         * it, and the header stores in stamp_writing after it. */
         if (tail_cas(r, lo, hi, lo + size, TAIL_HI(me(), stream_flag, INFO_FRAG(info), size))) {
+            die_here(DIE_RESERVED);
             stamp_writing(r, lo, info);
             *pos = lo;
             return RC_OK;
         }
     }
-}
-
-/* Count a message in against maxsize (one per message, at its first record). */
-static int take_slot(Ring *r)
-{
-    hdr_t *h = r->h;
-    if (h->maxsize <= 0) {
-        atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
-    } else {
-        int64_t c = atomic_load_explicit(&h->count, memory_order_relaxed);
-        int settled = 0;
-        do {
-            /* out only grows: a stale one errs on the side of full */
-            while (c - (int64_t)__atomic_load_n(&h->rclaim[1], __ATOMIC_ACQUIRE) >= h->maxsize) {
-                if (settled++)
-                    return RC_FULL;
-                settle_rclaim(r); /* a dead consumer's claim may not be counted out yet */
-            }
-        } while (!atomic_compare_exchange_weak_explicit(&h->count, &c, c + 1, memory_order_relaxed,
-                                                        memory_order_relaxed));
-    }
-    if (h->joinable)
-        atomic_fetch_add_explicit(&h->unfinished, 1, memory_order_relaxed);
-    return RC_OK;
-}
-
-static void give_slot(Ring *r)
-{
-    atomic_fetch_sub_explicit(&r->h->count, 1, memory_order_relaxed);
-    if (r->h->joinable)
-        atomic_fetch_sub_explicit(&r->h->unfinished, 1, memory_order_relaxed);
 }
 
 /* ------------------------------------------------------------------ */
@@ -503,9 +559,8 @@ static int abandon(Ring *r, rec_t *rec, uint32_t state, uint32_t info)
     if (!atomic_compare_exchange_strong(&rec->state, &state, STATE(me(), S_ABANDONED)))
         return 0;
     atomic_fetch_add_explicit(&r->h->abandoned, 1, memory_order_relaxed);
-    unsigned frag = INFO_FRAG(info);
-    if (r->h->joinable && (frag == F_WHOLE || frag == F_FIRST))
-        atomic_fetch_sub_explicit(&r->h->unfinished, 1, memory_order_relaxed);
+    if (is_start(INFO_FRAG(info)))
+        lose_task(r);
     return 1;
 }
 
@@ -757,7 +812,7 @@ static void copy_from(Ring *r, uint64_t pos, cursor_t *cur, size_t n)
 
 typedef struct {
     uint32_t info;
-    int stream_owner, stream_flag, need_slot, have_slot;
+    int stream_owner, stream_flag;
     unsigned tries;
     uint64_t need, pos;
 } put_arg;
@@ -765,18 +820,9 @@ typedef struct {
 static int attempt_put(Ring *r, void *a, int slow)
 {
     put_arg *p = a;
-    if (p->need_slot && !p->have_slot) {
-        if (take_slot(r) != RC_OK)
-            return RC_FULL;
-        p->have_slot = 1;
-    }
     int rc = try_reserve(r, p->info, p->stream_owner, p->stream_flag, p->need, &p->pos);
-    if (rc == RC_OK)
+    if (rc == RC_OK || rc == RC_FULL)
         return rc;
-    if (p->have_slot) { /* never sit on a slot while waiting */
-        give_slot(r);
-        p->have_slot = 0;
-    }
     /* the slow checks (system calls) only every so often */
     if ((++p->tries & 63) == 0 || slow) {
         if (rc == RC_SPACE)
@@ -852,7 +898,7 @@ static int put_message(Ring *r, seg_t *segs, int nseg, size_t len, unsigned kind
     cursor_t cur = {segs, nseg, 0, 0};
     int nogil = len >= NOGIL_COPY;
     if (len <= r->h->max_frag) {
-        put_arg p = {INFO(len, kind, F_WHOLE), 0, 0, 1, 0, 0, 0, 0};
+        put_arg p = {INFO(len, kind, F_WHOLE), 0, 0, 0, 0, 0};
         int rc = reserve(r, &p, timeout);
         if (rc != RC_OK)
             return rc;
@@ -890,7 +936,7 @@ static int put_message(Ring *r, seg_t *segs, int nseg, size_t len, unsigned kind
         if (chunk >= left)
             chunk = left;
         unsigned role = frag == F_FIRST ? F_FIRST : (chunk == left ? F_LAST : F_MID);
-        put_arg p = {INFO(chunk + extra, kind, role), 1, role != F_LAST, role == F_FIRST, 0, 0,
+        put_arg p = {INFO(chunk + extra, kind, role), 1, role != F_LAST, 0,
                      role == F_FIRST && timeout >= 0 && whole <= r->cap ? whole : 0, 0};
         double t = deadline < 0 ? -1 : deadline - fx_now();
         rc = reserve(r, &p, t < 0 && deadline >= 0 ? 0 : t);
@@ -1676,16 +1722,28 @@ static PyObject *Ring_qsize(Ring *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLongLong(settled_depth(self));
 }
 
+/* JoinableQueue's unfinished tasks: `finished` first, then `in`, which only
+ * grows, so the snapshot never understates what is left. */
+static int64_t unfinished(Ring *r)
+{
+    int64_t f = atomic_load_explicit(&r->h->finished, memory_order_acquire);
+    return settle_in(r) - f;
+}
+
 static PyObject *Ring_task_done(Ring *self, PyObject *Py_UNUSED(ignored))
 {
-    int64_t u = atomic_load_explicit(&self->h->unfinished, memory_order_relaxed);
+    int64_t f = atomic_load_explicit(&self->h->finished, memory_order_acquire);
+    int64_t left;
     do {
-        if (u <= 0) {
+        /* `in` read after f and only growing: if a task was left at f, one
+         * still is when the CAS proves f current */
+        left = settle_in(self) - f;
+        if (left <= 0) {
             PyErr_SetString(PyExc_ValueError, "task_done() called too many times");
             return NULL;
         }
-    } while (!atomic_compare_exchange_weak(&self->h->unfinished, &u, u - 1));
-    if (u == 1)
+    } while (!atomic_compare_exchange_weak(&self->h->finished, &f, f + 1));
+    if (left == 1)
         wake_if_waiting(&self->h->join_seq);
     Py_RETURN_NONE;
 }
@@ -1694,7 +1752,7 @@ static int attempt_join(Ring *r, void *a, int slow)
 {
     (void)a;
     (void)slow;
-    return atomic_load_explicit(&r->h->unfinished, memory_order_acquire) <= 0 ? RC_OK : RC_BUSY;
+    return unfinished(r) <= 0 ? RC_OK : RC_BUSY;
 }
 
 /* join(timeout=None) -> bool: wait until every put item is task_done(). */
@@ -1733,7 +1791,7 @@ static PyObject *Ring_statistics(Ring *self, PyObject *Py_UNUSED(ignored))
                          (unsigned long long)atomic_load_explicit(&h->puts, memory_order_relaxed), "gets",
                          (unsigned long long)atomic_load_explicit(&h->gets, memory_order_relaxed), "abandoned",
                          (unsigned long long)atomic_load_explicit(&h->abandoned, memory_order_relaxed),
-                         "unfinished", (long long)atomic_load_explicit(&h->unfinished, memory_order_relaxed));
+                         "unfinished", (long long)(h->joinable ? unfinished(self) : 0));
 }
 
 static PyObject *Ring_attach(Ring *self, PyObject *args)
@@ -1967,16 +2025,19 @@ static PyObject *wait_any(PyObject *Py_UNUSED(mod), PyObject *args)
 }
 
 /* _die_at(point): the test hook above; point is "claimed" (right after a
- * consumer's claim CAS) or None. */
+ * consumer's claim CAS), "admitted" (a producer past the maxsize check, right
+ * before its tail CAS), "reserved" (right after the tail CAS, before the
+ * record is stamped) or None. */
 static PyObject *set_die_at(PyObject *Py_UNUSED(mod), PyObject *point)
 {
-    int p;
-    if (point == Py_None)
-        p = DIE_NEVER;
-    else if (PyUnicode_Check(point) && PyUnicode_CompareWithASCIIString(point, "claimed") == 0)
-        p = DIE_CLAIMED;
-    else {
-        PyErr_Format(PyExc_ValueError, "unknown point %R (known: 'claimed', None)", point);
+    static const char *const names[] = {"claimed", "admitted", "reserved"};
+    int p = DIE_NEVER;
+    for (int i = 0; point != Py_None && p == DIE_NEVER && i < 3; i++)
+        if (PyUnicode_Check(point) && PyUnicode_CompareWithASCIIString(point, names[i]) == 0)
+            p = DIE_CLAIMED + i;
+    if (point != Py_None && p == DIE_NEVER) {
+        PyErr_Format(PyExc_ValueError, "unknown point %R (known: 'claimed', 'admitted', 'reserved', None)",
+                     point);
         return NULL;
     }
     atomic_store_explicit(&die_at, p, memory_order_relaxed);
