@@ -423,7 +423,9 @@ static void lose_task(Ring *r)
 static void rescue_newest(Ring *r, uint64_t lo, uint64_t hi)
 {
     uint32_t size = HI_SIZE(hi);
-    if (!tail_cas(r, lo, hi, lo, TAIL_HI(me(), HI_STREAM(hi), HI_FRAG(hi), size)))
+    /* A stream flag is the dead owner's (only the streamer reserves while it
+     * is set): drop it, or it would name us, alive, and block producers. */
+    if (!tail_cas(r, lo, hi, lo, TAIL_HI(me(), 0, HI_FRAG(hi), size)))
         return;
     uint64_t pos = lo - size;
     rec_t *rec = rec_at(r, pos);
