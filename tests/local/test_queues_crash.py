@@ -154,6 +154,36 @@ def test_producer_killed_around_its_reservation_keeps_counts_exact(point: Point,
     q.close()
 
 
+def _put_forever(q: Queue, message: bytes) -> None:
+    # larger than the ring and nobody reads: blocks half way (a timeout only
+    # bounds the wait to start), until the test kills it
+    q.put(message, timeout=30)
+
+
+def test_producer_killed_mid_stream_leaves_no_task_to_join() -> None:
+    q = JoinableQueue(capacity=64 * 1024)
+    p = CTX.Process(target=_put_forever, args=(q, b"s" * 150_000))
+    p.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not q.statistics().putters_sleeping:  # the ring is full of its fragments
+            assert time.monotonic() < deadline, "the producer never blocked"
+            os.sched_yield()
+    finally:
+        os.kill(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    with pytest.raises(queue.Empty):
+        q.get_nowait()  # reads the fragments there, then drops the broken message
+    assert (q.qsize(), q.statistics().unfinished) == (0, 0)
+    q.join(timeout=5)  # nobody can call task_done for the lost message
+    q.put(b"after", timeout=5)
+    assert q.get(timeout=5) == b"after"
+    q.task_done()
+    q.join(timeout=5)
+    q.close()
+
+
 def _produce_forever(q: Queue, started: threading.Event, seed: int) -> None:
     rng = random.Random(seed)
     started.set()

@@ -1585,7 +1585,9 @@ static PyObject *get_payload(Ring *self, double timeout, int check_peer, int sid
         PyObject *out = take_stream(self, &g, as_bytearray, deadline, &broken);
         if (out != NULL || !broken)
             return out;
-        /* the sender or an earlier reader died mid-message: that message is lost */
+        /* the sender or an earlier reader died mid-message: that message is
+         * lost, and nobody will call task_done for it */
+        lose_task(self);
     }
 }
 
