@@ -4,13 +4,19 @@ Theory of operation. The supervisor (this module, one thread) owns the broker
 link and nothing else runs user code here: task processes are plain
 ``python -m fabric.remote._taskproc`` children fed through pipes, so a task
 that hogs the GIL, blocks or crashes never stops the heartbeats.
-- Credit = free slots: HELLO announces the free slots, each RESULT hands one
-  back (``credit=1``). Nothing is prefetched unless ``prefetch`` > 0: then the
+- Credit = free places: HELLO announces the free slots plus the free part of
+  the prefetch window (and the slots themselves), each RESULT hands one back
+  (``credit=1``). Nothing is prefetched unless ``prefetch`` > 0: then the
   node also takes up to ``prefetch`` tasks beyond its free slots, queues them
   here and hands each to the first task process that frees, in arrival order.
   The broker counts them DISPATCHED like running ones (its credit accounting),
   so a node that dies has them re-queued; CANCEL of a queued one answers
   ``cancelled`` at once.
+- RECLAIM (the broker's work stealing: another node has an idle slot) names
+  tasks; those still queued here go back at once, newest first, as
+  ``returned`` with the credit of the place each frees; if any named one
+  stays, ``CREDIT(0)`` after them ends the answer. A started task is never
+  handed back.
 - A RESULT is kept until the broker ACKs it and re-sent on every new session,
   so a broker restart or a network cut loses no result.
 - A task process that dies mid-task is reported at once as ``crashed`` (with
@@ -43,7 +49,7 @@ from typing import cast
 
 import zmq
 
-from fabric.broker.protocol import Ack, Bye, Cancel, Dispatch, Result, Welcome
+from fabric.broker.protocol import Ack, Bye, Cancel, Credit, Dispatch, Reclaim, Result, Welcome
 from fabric.remote._link import Link, LinkRefused, Runtime
 from fabric.remote._pipes import FrameReader, write_frame
 
@@ -118,6 +124,7 @@ class WorkerNode:
             name=self.name,
             curve=curve,
             capacity=self._free,
+            slots=self.processes,
             runtime=runtime,
             on_welcome=self._resend,
         )
@@ -230,6 +237,8 @@ class WorkerNode:
                 self._unacked.pop(key, None)
         elif isinstance(message, Cancel):
             self._cancel(message)
+        elif isinstance(message, Reclaim):
+            self._reclaim(message)
 
     def _start(self, message: Dispatch) -> None:
         if self._draining:
@@ -317,6 +326,24 @@ class WorkerNode:
             if slot.task is not None and slot.task[0] == message.task:
                 slot.cancelled = True
                 slot.proc.terminate()
+
+    def _reclaim(self, message: Reclaim) -> None:
+        """Hand back the named tasks not started yet, newest first: another node idles.
+
+        If any named task stays (started, finished, unknown), CREDIT(0) after the
+        returned ones ends the answer: the broker then knows the rest stay here.
+        """
+        named = set(zip(message.tasks, message.attempts, strict=True))
+        back = [d for d in reversed(self._queued) if (d.task, d.attempt) in named]
+        if back:
+            self._queued = deque(d for d in self._queued if (d.task, d.attempt) not in named)
+            credit = 0 if self._draining else 1  # its queue place is free again
+            for d in back:
+                log.info("task %s handed back unstarted at a RECLAIM", d.task.hex())
+                self._report(Result(d.task, d.attempt, "returned", "reclaimed", credit))
+        if len(back) < len(named):
+            self._send_unsent()  # the returned ones first
+            self._link.send(Credit(0))
 
     def _resend(self, welcome: Welcome) -> None:
         # HELLO's capacity already counted the slots these results freed, and the
