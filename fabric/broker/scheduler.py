@@ -285,6 +285,12 @@ class Scheduler:
             assert worker is not None
             if message.status == "crashed":
                 outs += self._crashed(task, message.message, worker, now)
+            elif task.cancelling:  # handed back unstarted after a CANCEL went out for it
+                worker.running.discard(task.key)
+                task.worker = None
+                outs += self._settle(
+                    task, message.attempt, "cancelled", "cancelled before it ran", (), now
+                )
             else:  # never started there (overdrawn, or reclaimed): counting neither crash nor loss
                 outs += self._requeue(task, worker, None, now)
         else:
@@ -338,6 +344,7 @@ class Scheduler:
                 entry, entry.attempt, "cancelled", "cancelled before it ran", (), now
             )
         if entry.state is State.DISPATCHED and entry.worker is not None:
+            entry.cancelling = True
             return [(entry.worker, Cancel(task=entry.key, attempt=entry.attempt))]
         return []
 

@@ -67,6 +67,7 @@ class Task:
     worker: bytes | None = None
     turn: int = 0  # when it was last dispatched: a RECLAIM names the newest first
     started: bool = False  # its worker kept it at a RECLAIM: running there, never named again
+    cancelling: bool = False  # its worker was asked to stop it: handed back, it is cancelled
     result: Result | None = None
     owner: bytes = b""  # the client's session: the key's first SESSION_BYTES
     lane: tuple[bytes, Requires] = (b"", ())
