@@ -251,9 +251,9 @@ class Scheduler:
         worker = self._workers.get(session)
         if worker is None:
             return []
-        for key in worker.reclaiming:
+        for key, attempt in worker.reclaiming:
             task = self._tasks.get(key)
-            if task is not None and task.worker == session:
+            if task is not None and task.worker == session and task.attempt == attempt:
                 task.started = True
         worker.reclaiming.clear()
         self._grant(worker, n)
@@ -270,7 +270,8 @@ class Scheduler:
         outs: list[Out] = []
         worker = self._workers.get(session)
         if worker is not None:
-            worker.reclaiming.discard(message.task)
+            if worker.reclaiming:
+                worker.reclaiming.discard((message.task, message.attempt))
             self._grant(worker, message.credit)
         task = self._tasks.get(message.task)
         if task is None or task.state is State.RESULTED or not 1 <= message.attempt <= task.attempt:

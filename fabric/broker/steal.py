@@ -63,7 +63,7 @@ def reclaims(
             t for t in held if not t.started and any(eligible(w, t.requires) for w in thieves)
         ][:want]
         if named:
-            victim.reclaiming = {t.key for t in named}
+            victim.reclaiming = {(t.key, t.attempt) for t in named}
             idle -= len(named)
             message = Reclaim(tuple(t.key for t in named), tuple(t.attempt for t in named))
             outs.append((victim.session, message))

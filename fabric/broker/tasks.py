@@ -90,7 +90,7 @@ class Worker:
     done: int = 0
     turn: int = 0  # when it last got a task, so ties go to the one that waited longest
     eligible: dict[Requires, bool] = field(default_factory=dict)  # labels hold requirements?
-    reclaiming: set[bytes] = field(default_factory=set)  # named by a RECLAIM, not answered
+    reclaiming: set[tuple[bytes, int]] = field(default_factory=set)  # RECLAIM's unanswered names
 
     def idle(self) -> int:
         """Return its slots with no task, as the broker sees it (its credit if slots unknown)."""

@@ -513,7 +513,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def report(self, worker: bytes, result: Result) -> None:
         """Send a worker's RESULT: it answers a RECLAIM's name for its task, if any."""
-        self.reclaimed[worker] = {n for n in self.reclaimed[worker] if n[0] != result.task}
+        self.reclaimed[worker].discard((result.task, result.attempt))
         self.granted[worker] += result.credit
         self.apply(self.s.result(worker, result, self.now))
 
