@@ -209,8 +209,9 @@ class Reclaim(Message):
     """Ask a worker to hand back those of ``zip(tasks, attempts)`` it has not started.
 
     The broker's work stealing: another worker has an idle slot. The worker
-    answers each task it still holds unstarted with ``RESULT(returned)``,
-    newest first, and ignores the rest (started, finished, unknown).
+    answers at once: ``RESULT(returned)`` for each task it still holds
+    unstarted, newest first, then ``CREDIT(0)`` if it kept any (started,
+    finished, unknown), which ends its answer.
     """
 
     TYPE: ClassVar[int] = 0x18

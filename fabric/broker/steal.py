@@ -24,8 +24,8 @@ No storms: at most one RECLAIM per worker is out at a time
 (``Worker.reclaiming``: the names not answered yet; a RESULT for one answers
 it, a CREDIT answers the rest, a new session forgets them), and a task the
 node kept is marked ``started`` and never named again for that dispatch, so
-there are at most as many RECLAIMs as dispatches. A worker that does not say
-its slots (0) is never asked.
+a worker's session gets at most as many RECLAIMs as dispatches. A worker that
+does not say its slots (0) is never asked.
 """
 
 from __future__ import annotations
