@@ -6,9 +6,10 @@ link and nothing else runs user code here: task processes are plain
 that hogs the GIL, blocks or crashes never stops the heartbeats.
 - Credit = free places: HELLO announces the free slots plus the free part of
   the prefetch window (and the slots themselves), each RESULT hands one back
-  (``credit=1``). Nothing is prefetched unless ``prefetch`` > 0: then the
-  node also takes up to ``prefetch`` tasks beyond its free slots, queues them
-  here and hands each to the first task process that frees, in arrival order.
+  (``credit=1``). The node takes up to ``prefetch`` tasks beyond its free
+  slots (by default ``DEFAULT_PREFETCH`` per task process; 0: none), queues
+  them here and hands each to the first task process that frees, in arrival
+  order.
   The broker counts them DISPATCHED like running ones (its credit accounting),
   so a node that dies has them re-queued; CANCEL of a queued one answers
   ``cancelled`` at once.
@@ -25,9 +26,9 @@ that hogs the GIL, blocks or crashes never stops the heartbeats.
   ``grace``) and reports ``cancelled``.
 - SIGTERM (or ``drain()``) drains: results go back with no credit, tasks that
   still arrive are not started, and once the running ones (and the prefetched
-  ones queued before the drain: the broker would wait for the BYE anyway) are
-  done and ACKed the node says BYE (the broker re-queues what it had not
-  started) and exits.
+  ones queued before the drain, unless a RECLAIM takes them elsewhere: the
+  broker would wait for the BYE anyway) are done and ACKed the node says BYE
+  (the broker re-queues what it had not started) and exits.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ log = logging.getLogger(__name__)
 
 _ZMQ_FD = int(zmq.FD)  # (a plain int: getsockopt's enum wrapping costs more than the call)
 
+# Measured with no-op tasks on 2 task processes (bench/bench_remote.py's setup): a window of
+# 1, 2, 4 and 8 tasks per process gave ~0.85x, ~1.0x, ~1.25x and ~1.3x of the raw floor's
+# throughput (none: ~0.6x); the broker's work stealing bounds what a window costs.
+DEFAULT_PREFETCH = 4
+"""The default prefetch window, per task process (see ``docs/remote.md``, "Worker nodes")."""
+
 
 @dataclass
 class _Slot:
@@ -78,6 +85,11 @@ def check_prefetch(prefetch: object) -> int:
     return prefetch
 
 
+def default_prefetch(processes: int, prefetch: object = None) -> int:
+    """Return ``prefetch`` checked, or the default window for ``processes`` if it is None."""
+    return DEFAULT_PREFETCH * processes if prefetch is None else check_prefetch(prefetch)
+
+
 def _signal_name(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -93,7 +105,8 @@ class WorkerNode:
     ``address`` may be a callable, called once the task processes are started:
     a Manager starts its node while its broker is still starting and hands the
     address over then, so the two start-ups overlap. ``prefetch``: tasks the
-    node may hold beyond its free slots (0: one task per free slot).
+    node may hold beyond its free slots (None: ``DEFAULT_PREFETCH`` per task
+    process; 0: one task per free slot).
     """
 
     def __init__(
@@ -106,12 +119,12 @@ class WorkerNode:
         runtime: Runtime | None = None,
         env: dict[str, str] | None = None,
         grace: float = 5.0,
-        prefetch: int = 0,
+        prefetch: int | None = None,
     ) -> None:
         if processes is not None and processes < 1:
             raise ValueError("processes must be >= 1")
-        self.prefetch = check_prefetch(prefetch)
         self.processes = processes or os.cpu_count() or 1
+        self.prefetch = default_prefetch(self.processes, prefetch)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self._env = {**os.environ, **(env or {})}
         self._grace = grace

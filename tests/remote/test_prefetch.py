@@ -19,7 +19,7 @@ import pytest
 
 from fabric.broker.scheduler import WorkerInfo
 from fabric.remote import Manager
-from fabric.remote._worker import WorkerNode
+from fabric.remote._worker import WorkerNode, default_prefetch
 from fabric.remote.cli import main
 from tests.remote.conftest import Cluster, start_broker
 
@@ -189,6 +189,14 @@ def test_a_draining_node_runs_the_tasks_it_prefetched(cluster: Cluster) -> None:
     assert node.wait(60) == 0
     cluster.node(1, "fresh")
     assert later.result(timeout=60) == 3
+
+
+def test_a_node_prefetches_two_tasks_per_process_by_default(cluster: Cluster) -> None:
+    cluster.node(2, "default")
+    cluster.node(2, "none", "--prefetch", "0")
+    wait_workers(cluster, 2)
+    assert (worker(cluster, "default").credit, worker(cluster, "none").credit) == (2 + 8, 2)
+    assert (default_prefetch(3), default_prefetch(3, 0)) == (12, 0)  # Manager() takes it too
 
 
 @pytest.mark.parametrize(
