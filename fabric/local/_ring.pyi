@@ -1,7 +1,7 @@
 """Crash-consistent MPMC message rings in shared memory (C extension)."""
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from typing_extensions import Buffer
 
@@ -41,3 +41,4 @@ class BufferProxy:
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 def wait_any(rings: Sequence[Ring], timeout: float | None) -> None: ...
+def _die_at(point: Literal["claimed"] | None) -> None: ...

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fabric.local import _ring
 from fabric.local.queues import Queue
 
 CTX = multiprocessing.get_context("fork")
@@ -88,6 +89,28 @@ def test_sigkill_consumer_at_random_points_loses_at_most_the_one_in_hand() -> No
 def test_sigkill_consumer_soak() -> None:
     for seed in range(8):
         _kill_consumers(iterations=40, seed=seed)
+
+
+def _claim_then_die(q: Queue) -> None:
+    _ring._die_at("claimed")  # SIGKILL right after the claim, before anything else
+    q.get(timeout=30)
+
+
+@pytest.mark.parametrize("size", [100, 40_000], ids=["whole", "streamed"])
+def test_consumer_killed_right_after_its_claim_leaves_qsize_exact(size: int) -> None:
+    # The soak's rare hang: its drain loop waited for a qsize that stayed 1.
+    q = Queue(maxsize=1, capacity=64 * 1024)  # 40 kB: three fragments
+    q.put(b"m" * size)
+    p = CTX.Process(target=_claim_then_die, args=(q,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    assert q.qsize() == 0  # the message it had in hand is lost and counted out
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    q.put_nowait(b"after")  # maxsize=1: the lost message holds no slot
+    assert q.get(timeout=5) == b"after"
+    assert q.qsize() == 0
 
 
 def _produce_forever(q: Queue, started: threading.Event, seed: int) -> None:

@@ -13,7 +13,8 @@
  *           by a double-width CAS, so a reservation also records who made it
  *           and how big it is (see "unstamped reservations" below).
  *   rclaim  first record no consumer has claimed yet (a hint anyone may push
- *           forward past a claimed record).
+ *           forward past a claimed record). 128 bits {pos; out}: `out`
+ *           counts the messages rclaim has passed (see "counting" below).
  *   head    first byte still in use; space before it may be reused.
  *
  * A record is a 16-byte header {seq, state, info} and its payload, padded to
@@ -28,7 +29,8 @@
  *   producer:  CAS tail (reserve) -> state WRITING|me, seq stamp (release)
  *              -> copy payload -> state READY|me (release)
  *   consumer:  at rclaim, CAS state READY|w -> CLAIMED|me (this is the claim)
- *              -> push rclaim on -> copy out -> state DONE|me (release)
+ *              -> push rclaim on (counting the message out) -> copy out
+ *              -> state DONE|me (release)
  *              -> push head over every DONE/ABANDONED record at head
  *
  * Crash recovery. A record stuck in WRITING or CLAIMED whose pid is dead is
@@ -40,6 +42,14 @@
  * stamped (waiting a few instructions for a live owner, taking it over with a
  * tail CAS when the owner is dead), so at most the newest reservation can be
  * unstamped and its owner is always known.
+ *
+ * Counting. qsize is `count - out`: a producer counts a message in (count,
+ * checked against maxsize) before it reserves, and a message is counted out
+ * by the very CAS that moves rclaim past its first record, whoever makes it
+ * (its claimer, a helper, a reaper) and whatever the record became (claimed,
+ * abandoned). Counting out at the claim instead (a decrement after the state
+ * CAS) left a window: a consumer killed between the two had claimed the
+ * message but never counted it out, and qsize stayed one too high forever.
  *
  * Messages bigger than a quarter of the ring are streamed as FIRST, MID...,
  * LAST fragments. A streaming producer owns `wstream` and sets a STREAM flag
@@ -117,11 +127,11 @@ typedef struct {
     char _p0[64 - 40];
     _Alignas(16) uint64_t tail[2]; /* [0] pos, [1] hi; 16-aligned for cmpxchg16b */
     char _p1[64 - 16];
-    _Atomic uint64_t rclaim;
-    char _p2[64 - 8];
+    _Alignas(16) uint64_t rclaim[2]; /* [0] pos, [1] messages counted out */
+    char _p2[64 - 16];
     _Atomic uint64_t head;
     char _p3[64 - 8];
-    _Atomic int64_t count, unfinished;
+    _Atomic int64_t count, unfinished; /* count: messages counted in */
     _Atomic uint64_t abandoned, puts, gets;
     char _p4[64 - 40];
     _Atomic uint32_t data_seq;
@@ -168,6 +178,17 @@ static inline void cpu_relax(void)
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
 #endif
+}
+
+/* Test hook: the point at which this process kills itself with SIGKILL (0:
+ * none), so a test can stand for a kill -9 landing at that exact instruction
+ * without racing a real one. One relaxed load per use. */
+enum { DIE_NEVER = 0, DIE_CLAIMED };
+static _Atomic int die_at;
+static inline void die_here(int point)
+{
+    if (__builtin_expect(atomic_load_explicit(&die_at, memory_order_relaxed) == point, 0))
+        raise(SIGKILL);
 }
 
 /* Whether pid is alive; a zombie (killed, not yet reaped) counts as dead. */
@@ -234,25 +255,78 @@ static void ring_read(Ring *r, uint64_t pos, void *dst, size_t n)
     }
 }
 
-/* Tail access: two relaxed halves, re-read until pos is stable (every CAS
- * that keeps pos only hands the same reservation to a new owner). */
-static inline void tail_load(Ring *r, uint64_t *lo, uint64_t *hi)
+/* 128-bit {pos, hi} words (tail, rclaim): two acquire halves, re-read until
+ * pos is stable. For tail, every CAS that keeps pos only hands the same
+ * reservation to a new owner, so a torn read only makes the following CAS
+ * fail; rclaim's pos grows with every CAS, so its pairs are never torn. */
+static inline void pair_load(uint64_t *w, uint64_t *lo, uint64_t *hi)
 {
     for (;;) {
-        *lo = __atomic_load_n(&r->h->tail[0], __ATOMIC_ACQUIRE);
-        *hi = __atomic_load_n(&r->h->tail[1], __ATOMIC_ACQUIRE);
-        if (__atomic_load_n(&r->h->tail[0], __ATOMIC_ACQUIRE) == *lo)
+        *lo = __atomic_load_n(&w[0], __ATOMIC_ACQUIRE);
+        *hi = __atomic_load_n(&w[1], __ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&w[0], __ATOMIC_ACQUIRE) == *lo)
             return;
     }
 }
 
-static inline int tail_cas(Ring *r, uint64_t lo, uint64_t hi, uint64_t nlo, uint64_t nhi)
+static inline int pair_cas(uint64_t *w, uint64_t lo, uint64_t hi, uint64_t nlo, uint64_t nhi)
 {
     unsigned __int128 expect = ((unsigned __int128)hi << 64) | lo;
     unsigned __int128 want = ((unsigned __int128)nhi << 64) | nlo;
-    /* Full barrier (lock cmpxchg16b): orders the space check before it and
-     * the header stores after it. */
-    return __sync_bool_compare_and_swap((unsigned __int128 *)r->h->tail, expect, want);
+    /* Full barrier (lock cmpxchg16b): for tail, it orders the space check
+     * before it and the header stores after it. */
+    return __sync_bool_compare_and_swap((unsigned __int128 *)w, expect, want);
+}
+
+static inline void tail_load(Ring *r, uint64_t *lo, uint64_t *hi) { pair_load(r->h->tail, lo, hi); }
+
+static inline int tail_cas(Ring *r, uint64_t lo, uint64_t hi, uint64_t nlo, uint64_t nhi)
+{
+    return pair_cas(r->h->tail, lo, hi, nlo, nhi);
+}
+
+static inline uint64_t rclaim_pos(Ring *r) { return __atomic_load_n(&r->h->rclaim[0], __ATOMIC_ACQUIRE); }
+
+/* Messages in the ring: read `out` first, so the snapshot never goes below
+ * zero (a message is counted in before any record of it exists). */
+static inline int64_t ring_depth(Ring *r)
+{
+    uint64_t out = __atomic_load_n(&r->h->rclaim[1], __ATOMIC_ACQUIRE);
+    return atomic_load_explicit(&r->h->count, memory_order_acquire) - (int64_t)out;
+}
+
+/* Move rclaim from pos past the record there, whose info was read while
+ * rclaim was at pos (so the record could not be reused meanwhile), and count
+ * its message out if the record starts one: in the same CAS, so a process
+ * killed at any point has either done both or neither. */
+static void push_rclaim(Ring *r, uint64_t pos, uint32_t info)
+{
+    unsigned frag = INFO_FRAG(info);
+    uint64_t next = pos + rec_size(INFO_LEN(info)), add = frag == F_WHOLE || frag == F_FIRST;
+    for (;;) {
+        uint64_t lo, out;
+        pair_load(r->h->rclaim, &lo, &out);
+        if (lo != pos || pair_cas(r->h->rclaim, lo, out, next, out + add))
+            return; /* someone else moved it past, or we did */
+    }
+}
+
+/* Push rclaim past the records at it that are taken already (claimed, done,
+ * abandoned), counting them out: a consumer killed right after its claim
+ * leaves its message counted in until someone does. No system call. */
+static void settle_rclaim(Ring *r)
+{
+    for (;;) {
+        uint64_t pos = rclaim_pos(r), lo, hi;
+        tail_load(r, &lo, &hi);
+        rec_t *rec = rec_at(r, pos);
+        if (pos == lo || atomic_load_explicit(&rec->seq, memory_order_acquire) != stamp(r, pos))
+            return;
+        uint32_t st = atomic_load_explicit(&rec->state, memory_order_acquire);
+        if (ST_CODE(st) == S_WRITING || ST_CODE(st) == S_READY)
+            return;
+        push_rclaim(r, pos, atomic_load_explicit(&rec->info, memory_order_relaxed));
+    }
 }
 
 /* Wake everyone sleeping on seq if its sleeper bit is set. The fence pairs
@@ -300,12 +374,9 @@ static void rescue_newest(Ring *r, uint64_t lo, uint64_t hi)
     atomic_store_explicit(&rec->state, STATE(me(), S_ABANDONED), memory_order_relaxed);
     atomic_store_explicit(&rec->seq, stamp(r, pos), memory_order_release);
     atomic_fetch_add_explicit(&r->h->abandoned, 1, memory_order_relaxed);
-    if (HI_FRAG(hi) == F_WHOLE || HI_FRAG(hi) == F_FIRST) {
-        /* the dead producer had counted its message in */
-        atomic_fetch_sub_explicit(&r->h->count, 1, memory_order_relaxed);
-        if (r->h->joinable)
-            atomic_fetch_sub_explicit(&r->h->unfinished, 1, memory_order_relaxed);
-    }
+    /* the dead producer's message is counted out when rclaim passes it */
+    if (r->h->joinable && (HI_FRAG(hi) == F_WHOLE || HI_FRAG(hi) == F_FIRST))
+        atomic_fetch_sub_explicit(&r->h->unfinished, 1, memory_order_relaxed);
     wake_data(r);
 }
 
@@ -389,9 +460,14 @@ static int take_slot(Ring *r)
         atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
     } else {
         int64_t c = atomic_load_explicit(&h->count, memory_order_relaxed);
+        int settled = 0;
         do {
-            if (c >= h->maxsize)
-                return RC_FULL;
+            /* out only grows: a stale one errs on the side of full */
+            while (c - (int64_t)__atomic_load_n(&h->rclaim[1], __ATOMIC_ACQUIRE) >= h->maxsize) {
+                if (settled++)
+                    return RC_FULL;
+                settle_rclaim(r); /* a dead consumer's claim may not be counted out yet */
+            }
         } while (!atomic_compare_exchange_weak_explicit(&h->count, &c, c + 1, memory_order_relaxed,
                                                         memory_order_relaxed));
     }
@@ -410,6 +486,17 @@ static void give_slot(Ring *r)
 /* ------------------------------------------------------------------ */
 /* Claiming and releasing (consumers)                                   */
 
+/* The exact number of messages in the ring, for qsize. */
+static int64_t settled_depth(Ring *r)
+{
+    int64_t c = ring_depth(r);
+    if (c > 0) {
+        settle_rclaim(r);
+        c = ring_depth(r);
+    }
+    return c < 0 ? 0 : c;
+}
+
 /* Abandon a record held by a dead process if `state` is still current. */
 static int abandon(Ring *r, rec_t *rec, uint32_t state, uint32_t info)
 {
@@ -417,8 +504,6 @@ static int abandon(Ring *r, rec_t *rec, uint32_t state, uint32_t info)
         return 0;
     atomic_fetch_add_explicit(&r->h->abandoned, 1, memory_order_relaxed);
     unsigned frag = INFO_FRAG(info);
-    if (ST_CODE(state) == S_WRITING && (frag == F_WHOLE || frag == F_FIRST))
-        atomic_fetch_sub_explicit(&r->h->count, 1, memory_order_relaxed);
     if (r->h->joinable && (frag == F_WHOLE || frag == F_FIRST))
         atomic_fetch_sub_explicit(&r->h->unfinished, 1, memory_order_relaxed);
     return 1;
@@ -431,8 +516,7 @@ static void advance_head(Ring *r, int reap)
     int moved = 0;
     for (;;) {
         uint64_t head = atomic_load_explicit(&r->h->head, memory_order_acquire);
-        uint64_t rclaim = atomic_load_explicit(&r->h->rclaim, memory_order_acquire);
-        if (head == rclaim)
+        if (head == rclaim_pos(r))
             break;
         rec_t *rec = rec_at(r, head);
         if (atomic_load_explicit(&rec->seq, memory_order_acquire) != stamp(r, head))
@@ -474,7 +558,7 @@ static int stream_alive(Ring *r, uint32_t writer)
 static int try_claim(Ring *r, int in_stream, int live, claim_t *c)
 {
     for (;;) {
-        uint64_t pos = atomic_load_explicit(&r->h->rclaim, memory_order_acquire);
+        uint64_t pos = rclaim_pos(r);
         uint64_t lo, hi;
         tail_load(r, &lo, &hi);
         if (pos == lo)
@@ -491,7 +575,6 @@ static int try_claim(Ring *r, int in_stream, int live, claim_t *c)
         }
         uint32_t st = atomic_load_explicit(&rec->state, memory_order_acquire);
         uint32_t info = atomic_load_explicit(&rec->info, memory_order_relaxed);
-        uint64_t next = pos + rec_size(INFO_LEN(info));
         switch (ST_CODE(st)) {
         case S_WRITING:
             if (!live || pid_alive(ST_PID(st)))
@@ -501,7 +584,7 @@ static int try_claim(Ring *r, int in_stream, int live, claim_t *c)
         case S_READY:
             break;
         default: /* claimed, done or abandoned: help rclaim past it */
-            atomic_compare_exchange_strong(&r->h->rclaim, &pos, next);
+            push_rclaim(r, pos, info);
             continue;
         }
         unsigned frag = INFO_FRAG(info);
@@ -512,7 +595,7 @@ static int try_claim(Ring *r, int in_stream, int live, claim_t *c)
                     return RC_BUSY; /* another consumer's stream */
                 /* an orphan fragment: its reader died (or never was) */
                 if (abandon(r, rec, st, info))
-                    atomic_compare_exchange_strong(&r->h->rclaim, &pos, next);
+                    push_rclaim(r, pos, info);
                 continue;
             }
         } else if (in_stream) {
@@ -531,18 +614,18 @@ static int try_claim(Ring *r, int in_stream, int live, claim_t *c)
             }
             continue;
         }
+        die_here(DIE_CLAIMED);
         /* The claim may, after a whole lap, have hit a newer record at the
          * same place: read position and info again from what we now own. */
         c->pos = (atomic_load_explicit(&rec->seq, memory_order_acquire) ^ r->secret) - 1;
         c->info = atomic_load_explicit(&rec->info, memory_order_relaxed);
         c->rec = rec;
         c->writer = ST_PID(st);
-        pos = c->pos;
-        atomic_compare_exchange_strong(&r->h->rclaim, &pos, c->pos + rec_size(INFO_LEN(c->info)));
-        if (frag == F_WHOLE || frag == F_FIRST) {
-            atomic_fetch_sub_explicit(&r->h->count, 1, memory_order_relaxed);
+        /* A kill from here on loses this message; pushing rclaim counts it
+         * out, and anyone at rclaim does that for us if we die first. */
+        push_rclaim(r, c->pos, c->info);
+        if (frag == F_WHOLE || frag == F_FIRST)
             atomic_fetch_add_explicit(&r->h->gets, 1, memory_order_relaxed);
-        }
         return RC_OK;
     }
 }
@@ -1541,7 +1624,7 @@ static int attempt_peek(Ring *r, void *a, int slow)
 {
     peek_arg *p = a;
     for (;;) {
-        uint64_t pos = atomic_load_explicit(&r->h->rclaim, memory_order_acquire);
+        uint64_t pos = rclaim_pos(r);
         uint64_t lo, hi;
         tail_load(r, &lo, &hi);
         if (pos == lo) {
@@ -1560,7 +1643,7 @@ static int attempt_peek(Ring *r, void *a, int slow)
         case S_WRITING:
             return RC_BUSY;
         default:
-            atomic_compare_exchange_strong(&r->h->rclaim, &pos, pos + rec_size(INFO_LEN(info)));
+            push_rclaim(r, pos, info);
         }
     }
 }
@@ -1590,8 +1673,7 @@ static PyObject *Ring_poll(Ring *self, PyObject *args)
 
 static PyObject *Ring_qsize(Ring *self, PyObject *Py_UNUSED(ignored))
 {
-    int64_t c = atomic_load_explicit(&self->h->count, memory_order_acquire);
-    return PyLong_FromLongLong(c < 0 ? 0 : c);
+    return PyLong_FromLongLong(settled_depth(self));
 }
 
 static PyObject *Ring_task_done(Ring *self, PyObject *Py_UNUSED(ignored))
@@ -1640,8 +1722,8 @@ static PyObject *Ring_statistics(Ring *self, PyObject *Py_UNUSED(ignored))
     uint64_t lo, hi;
     tail_load(self, &lo, &hi);
     uint64_t head = atomic_load_explicit(&h->head, memory_order_acquire);
-    int64_t c = atomic_load_explicit(&h->count, memory_order_relaxed);
-    return Py_BuildValue("{sLsKsKsLsOsOsKsKsKsL}", "depth", (long long)(c < 0 ? 0 : c), "bytes_used",
+    int64_t c = settled_depth(self);
+    return Py_BuildValue("{sLsKsKsLsOsOsKsKsKsL}", "depth", (long long)c, "bytes_used",
                          (unsigned long long)(lo - head), "capacity", (unsigned long long)h->cap, "maxsize",
                          (long long)h->maxsize, "getters_sleeping",
                          (atomic_load_explicit(&h->data_seq, memory_order_relaxed) & 1u) ? Py_True : Py_False,
@@ -1884,8 +1966,26 @@ static PyObject *wait_any(PyObject *Py_UNUSED(mod), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* _die_at(point): the test hook above; point is "claimed" (right after a
+ * consumer's claim CAS) or None. */
+static PyObject *set_die_at(PyObject *Py_UNUSED(mod), PyObject *point)
+{
+    int p;
+    if (point == Py_None)
+        p = DIE_NEVER;
+    else if (PyUnicode_Check(point) && PyUnicode_CompareWithASCIIString(point, "claimed") == 0)
+        p = DIE_CLAIMED;
+    else {
+        PyErr_Format(PyExc_ValueError, "unknown point %R (known: 'claimed', None)", point);
+        return NULL;
+    }
+    atomic_store_explicit(&die_at, p, memory_order_relaxed);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"wait_any", wait_any, METH_VARARGS, "Sleep until any of the rings may have a message."},
+    {"_die_at", set_die_at, METH_O, "Test hook: SIGKILL this process on reaching the point."},
     {NULL, NULL, 0, NULL},
 };
 
