@@ -12,8 +12,8 @@ Every row is measured in the same run on this machine:
 * no-op task throughput (``submit`` and ``map``) with 2 worker processes, and
   the single-task round trip, against a raw pyzmq floor: a ROUTER broker
   thread handing pickled calls to 2 DEALER worker processes, no journal, no
-  keys, no retries; plus ``map`` on a node with a prefetch window
-  (``Manager(prefetch=PREFETCH)``; every other row uses the default, none),
+  keys, no retries; plus ``submit`` and ``map`` on a node without a prefetch
+  window (``Manager(prefetch=0)``; every other row uses the default window),
   and ``mgr.Pool().map`` with its automatic chunks (multiprocessing.Pool's
   API: ~32 chunks, each a single task), labelled as such beside the per-task
   rows;
@@ -51,16 +51,13 @@ N_OPS = 2_000
 N_TASKS = 5_000
 N_TRIPS = 200
 WORKERS = 2
-# The prefetch row's window: with no-op tasks a slot sits idle ~80% of the time waiting for the
-# node -> broker -> node round trip, so each task process needs ~4 tasks in hand to cover it; a
-# K=1..32 sweep here gained most by 4 per process and little past it (within the noise).
-PREFETCH = 4 * WORKERS
 PREFETCH_NOTE = (
-    f"Rows but one use the default node (no prefetch); 'node prefetch={PREFETCH}' is a"
-    f" Manager(prefetch={PREFETCH}): 4 tasks per task process cover the node -> broker -> node"
-    " round trip of no-op tasks. 'Pool.map (auto chunks)' is mgr.Pool().map, which sends its"
-    " calls in ~32 chunks (one task each) like multiprocessing.Pool.map; every other fabric row"
-    " sends one task per call. The floor and the map rows take turns in each repeat."
+    "Rows but two use the default node (a prefetch window of 4 tasks per task process, made safe"
+    " by work stealing); the 'node prefetch=0' ones use a Manager(prefetch=0): one task per free"
+    " task process, so each idles a node -> broker -> node round trip between no-op tasks."
+    " 'Pool.map (auto chunks)' is mgr.Pool().map, which sends its calls in ~32 chunks (one task"
+    " each) like multiprocessing.Pool.map; every other fabric row sends one task per call. The"
+    " floor and the map rows take turns in each repeat."
 )
 
 _FLOOR_WORKER = """
@@ -146,6 +143,12 @@ class _Floor:
         self._ctx.term()
 
 
+def _submits(executor: cf.Executor, items: list[int]) -> None:
+    """Submit one task per item, then wait for every result."""
+    for future in [executor.submit(abs, i) for i in items]:
+        future.result()
+
+
 def _per_op(count: int, body: Any) -> float:
     return 1e6 / rate(count, body)
 
@@ -203,23 +206,21 @@ def _dict_table(repeats: int, mgr: Manager, sync: mpm.SyncManager, tcp: Manager)
     return [ops, queue_t]
 
 
-def _task_tables(repeats: int, mgr: Manager, floor: _Floor, pre: Manager) -> list[Table]:
-    """The task tables; ``pre`` is a Manager whose node prefetches ``PREFETCH`` tasks."""
-    ex, pre_ex, pool = mgr.Executor(), pre.Executor(), mgr.Pool()
+def _task_tables(repeats: int, mgr: Manager, floor: _Floor, bare: Manager) -> list[Table]:
+    """The task tables; ``bare`` is a Manager whose node has no prefetch window."""
+    ex, bare_ex, pool = mgr.Executor(), bare.Executor(), mgr.Pool()
     items = list(range(N_TASKS))
     thru = Table(
         f"No-op tasks, {N_TASKS} at once, {WORKERS} worker processes",
         "tasks/s",
         baseline="raw pyzmq floor",
     )
-    # the floor, the default node's map and the prefetching one's take turns in each repeat,
-    # so a shared machine's drifting load weighs on all three alike
+    # the floor, the default node's map and the one without prefetch take turns in each
+    # repeat, so a shared machine's drifting load weighs on all three alike
     turns = {
         "raw pyzmq floor": lambda: floor.map(abs, items),
         "fabric Executor.map": lambda: list(ex.map(abs, items, timeout=120)),
-        f"fabric Executor.map, node prefetch={PREFETCH}": lambda: list(
-            pre_ex.map(abs, items, timeout=120)
-        ),
+        "fabric Executor.map, node prefetch=0": lambda: list(bare_ex.map(abs, items, timeout=120)),
         "fabric Pool.map (auto chunks)": lambda: pool.map(abs, items),
     }
     figures: dict[str, list[float]] = {name: [] for name in turns}
@@ -227,13 +228,13 @@ def _task_tables(repeats: int, mgr: Manager, floor: _Floor, pre: Manager) -> lis
         for name, body in turns.items():
             figures[name].append(rate(N_TASKS, body))
     thru.add("raw pyzmq floor", Stats(tuple(figures.pop("raw pyzmq floor"))))
-    thru.add(
-        "fabric Executor.submit",
-        repeat(
-            lambda: rate(N_TASKS, lambda: [f.result() for f in [ex.submit(abs, i) for i in items]]),
-            repeats,
-        ),
-    )
+    for name, executor in (
+        ("fabric Executor.submit", ex),
+        ("fabric Executor.submit, node prefetch=0", bare_ex),
+    ):
+        thru.add(
+            name, repeat(lambda e=executor: rate(N_TASKS, lambda: _submits(e, items)), repeats)
+        )
     for name, values in figures.items():
         thru.add(name, Stats(tuple(values)))
     pool.close()
@@ -321,12 +322,12 @@ def run(repeats: int) -> list[Table]:
         with (
             Manager(processes=WORKERS) as mgr,
             Manager(processes=WORKERS, lane=False) as tcp,
-            Manager(processes=WORKERS, prefetch=PREFETCH) as pre,
+            Manager(processes=WORKERS, prefetch=0) as bare,
         ):
             # the nodes' task processes start in the background: wait for them to serve
-            for m in (mgr, tcp, pre):
+            for m in (mgr, tcp, bare):
                 list(m.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
-            tables = _dict_table(repeats, mgr, sync, tcp) + _task_tables(repeats, mgr, floor, pre)
+            tables = _dict_table(repeats, mgr, sync, tcp) + _task_tables(repeats, mgr, floor, bare)
     finally:
         floor.close()
         sync.shutdown()
@@ -354,11 +355,11 @@ def run_tasks(repeats: int) -> list[Table]:
     try:
         with (
             Manager(processes=WORKERS) as mgr,
-            Manager(processes=WORKERS, prefetch=PREFETCH) as pre,
+            Manager(processes=WORKERS, prefetch=0) as bare,
         ):
-            for m in (mgr, pre):
+            for m in (mgr, bare):
                 list(m.Executor().map(abs, range(-WORKERS * 4, 0), timeout=120))
-            return _task_tables(repeats, mgr, floor, pre)
+            return _task_tables(repeats, mgr, floor, bare)
     finally:
         floor.close()
 

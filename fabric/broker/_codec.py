@@ -59,6 +59,7 @@ from fabric.broker._messages import (
     Hello,
     Message,
     Payload,
+    Reclaim,
     Result,
     Submit,
 )
@@ -192,6 +193,11 @@ def _valid_ack(message: Ack) -> None:
         raise ProtocolError("ACK attempts must be empty or match its tasks one to one")
 
 
+def _valid_reclaim(message: Reclaim) -> None:
+    if len(message.attempts) != len(message.tasks):
+        raise ProtocolError("RECLAIM attempts must match its tasks one to one")
+
+
 _RULES: dict[type[Message], Callable[[Any], None]] = {
     Hello: _valid_hello,
     Result: _valid_result,
@@ -199,6 +205,7 @@ _RULES: dict[type[Message], Callable[[Any], None]] = {
     Cancel: _valid_client_task,
     Done: _valid_done,
     Ack: _valid_ack,
+    Reclaim: _valid_reclaim,
 }
 
 

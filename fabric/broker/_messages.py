@@ -20,8 +20,9 @@ ROLES = ("client", "worker", "host", "admin")
 # Result statuses. "ok" and "error" carry the worker's pickled value or
 # exception; "crashed" is a worker's report that the task process died (the
 # broker retries it, counting toward the poison limit); "returned" hands back a
-# task the worker never started (it had no free slot: the broker queues it
-# again, counting nothing); the rest are made by the broker and carry no payload.
+# task the worker never started (it had no free slot, or a RECLAIM asked for
+# it: the broker queues it again, counting nothing); the rest are made by the
+# broker and carry no payload.
 STATUSES = ("ok", "error", "crashed", "returned", "cancelled", "lost", "poisoned", "expired")
 
 
@@ -42,7 +43,9 @@ class Hello(Message):
     ``session`` is 16 bytes chosen by the peer and kept across reconnects, so
     a peer that reconnects (new routing id) gets its pending results back.
     ``capacity`` is a worker's initial credit; ``labels`` are a worker's
-    properties that tasks' ``requires`` are matched against.
+    properties that tasks' ``requires`` are matched against. ``slots`` is a
+    worker's task processes (0: not said); credit past them is its prefetch
+    window, which the broker may RECLAIM from.
     """
 
     TYPE: ClassVar[int] = 0x01
@@ -55,6 +58,7 @@ class Hello(Message):
     pid: int = 0
     host: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    slots: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,21 @@ class Cancel(Message):
     attempt: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Reclaim(Message):
+    """Ask a worker to hand back those of ``zip(tasks, attempts)`` it has not started.
+
+    The broker's work stealing: another worker has an idle slot. The worker
+    answers at once: ``RESULT(returned)`` for each task it still holds
+    unstarted, newest first, then ``CREDIT(0)`` if it kept any (started,
+    finished, unknown), which ends its answer.
+    """
+
+    TYPE: ClassVar[int] = 0x18
+    tasks: tuple[bytes, ...]
+    attempts: tuple[int, ...]
+
+
 # --- shared objects ----------------------------------------------------------
 
 
@@ -298,7 +317,7 @@ SENDABLE: dict[str, frozenset[type[Message]]] = {
 }
 MESSAGES: tuple[type[Message], ...] = (  # every message, by type byte
     Hello, Welcome, Refuse, Heartbeat, Bye,
-    Submit, Ack, Reject, Dispatch, Credit, Result, Done, Cancel,
+    Submit, Ack, Reject, Dispatch, Credit, Result, Done, Cancel, Reclaim,
     Create, Call, Reply, Gone,
     Status, Stats, Error,
 )  # fmt: skip

@@ -4,8 +4,9 @@ A lane holds the keys of one client's QUEUED tasks with one set of
 requirements, oldest first (a re-queued task goes back to the front). Lanes
 take turns: a lane that gives a task goes to the back, so no client starves
 another however many tasks it queues. A task goes to an eligible worker (its
-labels hold every requirement) with the most free credit, ties to the one
-that waited longest.
+labels hold every requirement) with the most idle slots, then the most free
+credit (a prefetch window is filled only once no eligible slot is idle), ties
+to the one that waited longest.
 """
 
 from __future__ import annotations
@@ -15,27 +16,29 @@ from collections.abc import Iterable, Iterator
 
 from fabric.broker.tasks import Requires, State, Task, Worker
 
-__all__ = ["Lanes", "pick"]
+__all__ = ["Lanes", "eligible", "pick"]
 
 Lane = tuple[bytes, Requires]
 
 
+def eligible(worker: Worker, requires: Requires) -> bool:
+    """Return whether ``worker``'s labels hold every requirement of ``requires``."""
+    verdict = worker.eligible.get(requires)
+    if verdict is None:  # labels never change on a worker: decide once per requirement set
+        verdict = worker.eligible[requires] = all(worker.labels.get(k) == v for k, v in requires)
+    return verdict
+
+
 def pick(workers: Iterable[Worker], requires: Requires) -> Worker | None:
-    """Return the eligible worker with the most free credit, or None."""
+    """Return the eligible worker with the most idle slots, then free credit, or None."""
     best: Worker | None = None
+    best_key = (0, 0, 0)
     for worker in workers:
-        if worker.credit <= 0:
+        if worker.credit <= 0 or not eligible(worker, requires):
             continue
-        eligible = worker.eligible.get(requires)
-        if eligible is None:  # labels never change on a worker: decide once per requirement set
-            eligible = all(worker.labels.get(k) == v for k, v in requires)
-            worker.eligible[requires] = eligible
-        if eligible and (
-            best is None
-            or worker.credit > best.credit
-            or (worker.credit == best.credit and worker.turn < best.turn)
-        ):
-            best = worker
+        key = (worker.idle(), worker.credit, -worker.turn)
+        if best is None or key > best_key:
+            best, best_key = worker, key
     return best
 
 

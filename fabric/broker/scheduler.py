@@ -21,10 +21,11 @@ Invariants, held after every call:
 * the first RESULT taken for a task wins; later ones (a re-run after a
   presumed death, a duplicate) are counted and dropped;
 * ``bytes`` is the payload held (queued calls and undelivered results); with
-  the task count it bounds memory; SUBMITs past either are ``busy`` (back-pressure).
+  the task count it bounds memory; SUBMITs past either are ``busy`` (back-pressure);
+* at most one RECLAIM per worker is out (work stealing, see ``steal.py``).
 
-Lanes and worker choice are in ``lanes.py``, batched ACKs in ``acks.py``. Only ``server.py``
-owns sockets and the clock; every method here takes ``now``.
+Lanes and worker choice are in ``lanes.py``, work stealing in ``steal.py``, batched ACKs in
+``acks.py``. Only ``server.py`` owns sockets and the clock; every method here takes ``now``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fabric.broker.acks import Acks
 from fabric.broker.expiring import Expiring
 from fabric.broker.lanes import Lanes
 from fabric.broker.protocol import SESSION_BYTES, Cancel, Dispatch, Message, Payload, Reject, Result
+from fabric.broker.steal import reclaims
 from fabric.broker.tasks import (
     Admission,
     Client,
@@ -95,16 +97,20 @@ class Scheduler:
         pid: int = 0,
         capacity: int = 0,
         labels: dict[str, str] | None = None,
+        slots: int = 0,
     ) -> list[Out]:
-        """Welcome a worker with ``capacity`` free slots; return the dispatches it allows.
+        """Welcome a worker with ``capacity`` free credit; return the dispatches it allows.
 
-        A worker that re-sends HELLO on its session keeps its running tasks
-        (they still run there); ``capacity`` replaces its credit.
+        ``slots``: its task processes (0: not said; credit past them is its
+        prefetch window). A worker that re-sends HELLO on its session keeps its
+        running tasks (they still run there); ``capacity`` replaces its credit.
         """
         self.touch(session, now)
         credit = min(capacity, MAX_CREDIT)
         old = self._workers.get(session)
-        worker = Worker(session, name, host, pid, dict(labels or {}), credit)
+        worker = Worker(
+            session, name, host, pid, dict(labels or {}), credit, min(slots, MAX_CREDIT)
+        )
         if old is not None:
             worker.running, worker.done, worker.turn = old.running, old.done, old.turn
             self._free -= old.credit
@@ -236,10 +242,20 @@ class Scheduler:
         self._lanes.push(entry, front=False)
 
     def credit(self, session: bytes, n: int) -> list[Out]:
-        """Grant ``n`` more slots to a worker; return the dispatches they allow."""
+        """Grant ``n`` more slots to a worker; return the dispatches they allow.
+
+        A CREDIT also ends the answer to the worker's RECLAIM: the tasks it
+        named and the worker did not hand back are running there (or done),
+        and are not named again.
+        """
         worker = self._workers.get(session)
         if worker is None:
             return []
+        for key, attempt in worker.reclaiming:
+            task = self._tasks.get(key)
+            if task is not None and task.worker == session and task.attempt == attempt:
+                task.started = True
+        worker.reclaiming.clear()
         self._grant(worker, n)
         return self._dispatch()
 
@@ -247,12 +263,15 @@ class Scheduler:
         """Take a worker's RESULT: ACK it, return its credit, and settle the task if it wins.
 
         The ACK waits for the next batch (see :meth:`acks`) unless the RESULT
-        returns no credit: a draining worker waits for its ACKs to leave.
+        returns no credit: a draining worker waits for its ACKs to leave. A
+        RESULT for a task a RECLAIM named answers that name.
         """
         self._acks.result(session, message.task, message.attempt, urgent=message.credit == 0)
         outs: list[Out] = []
         worker = self._workers.get(session)
         if worker is not None:
+            if worker.reclaiming:
+                worker.reclaiming.discard((message.task, message.attempt))
             self._grant(worker, message.credit)
         task = self._tasks.get(message.task)
         if task is None or task.state is State.RESULTED or not 1 <= message.attempt <= task.attempt:
@@ -267,7 +286,13 @@ class Scheduler:
             assert worker is not None
             if message.status == "crashed":
                 outs += self._crashed(task, message.message, worker, now)
-            else:  # never started there: queued again, counting neither crash nor loss
+            elif task.cancelling:  # handed back unstarted after a CANCEL went out for it
+                worker.running.discard(task.key)
+                task.worker = None
+                outs += self._settle(
+                    task, message.attempt, "cancelled", "cancelled before it ran", (), now
+                )
+            else:  # never started there (overdrawn, or reclaimed): counting neither crash nor loss
                 outs += self._requeue(task, worker, None, now)
         else:
             if current and worker is not None:
@@ -320,6 +345,7 @@ class Scheduler:
                 entry, entry.attempt, "cancelled", "cancelled before it ran", (), now
             )
         if entry.state is State.DISPATCHED and entry.worker is not None:
+            entry.cancelling = True
             return [(entry.worker, Cancel(task=entry.key, attempt=entry.attempt))]
         return []
 
@@ -422,8 +448,11 @@ class Scheduler:
             worker.credit -= 1
             self._free -= 1
             self._turns += 1
-            worker.turn = self._turns
+            worker.turn = task.turn = self._turns
+            task.started = False
             outs.append((worker.session, Dispatch(key, task.attempt, task.payload)))
+        if self._free:  # credit left that no queued task can use: an idle slot may steal
+            outs += reclaims(self._workers.values(), self._tasks)
         return outs
 
     def _requeue(self, task: Task, worker: Worker, reason: str | None, now: float) -> list[Out]:

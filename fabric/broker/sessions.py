@@ -227,6 +227,7 @@ class Sessions:
                 pid=hello.pid,
                 capacity=hello.capacity,
                 labels=labels,
+                slots=hello.slots,
             )
         elif hello.role in ("client", "host"):
             self.outbox += self.sched.add_client(session.id, now)

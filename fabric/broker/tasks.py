@@ -65,6 +65,9 @@ class Task:
     losses: int = 0
     crashes: list[str] = field(default_factory=list)
     worker: bytes | None = None
+    turn: int = 0  # when it was last dispatched: a RECLAIM names the newest first
+    started: bool = False  # its worker kept it at a RECLAIM: running there, never named again
+    cancelling: bool = False  # its worker was asked to stop it: handed back, it is cancelled
     result: Result | None = None
     owner: bytes = b""  # the client's session: the key's first SESSION_BYTES
     lane: tuple[bytes, Requires] = (b"", ())
@@ -82,10 +85,18 @@ class Worker:
     pid: int
     labels: dict[str, str]
     credit: int
+    slots: int = 0  # task processes (0: not said); tasks held past them are prefetched
     running: set[bytes] = field(default_factory=set)
     done: int = 0
     turn: int = 0  # when it last got a task, so ties go to the one that waited longest
     eligible: dict[Requires, bool] = field(default_factory=dict)  # labels hold requirements?
+    reclaiming: set[tuple[bytes, int]] = field(default_factory=set)  # RECLAIM's unanswered names
+
+    def idle(self) -> int:
+        """Return its slots with no task, as the broker sees it (its credit if slots unknown)."""
+        if not self.slots:
+            return self.credit
+        return max(0, min(self.credit, self.slots - len(self.running)))
 
 
 @dataclass(eq=False, slots=True)

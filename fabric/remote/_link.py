@@ -93,6 +93,7 @@ class Link:
         name: str,
         curve: tuple[bytes, bytes, bytes] | None = None,
         capacity: Callable[[], int] = lambda: 0,
+        slots: int = 0,
         runtime: Runtime | None = None,
         on_welcome: Callable[[Welcome], None] = lambda welcome: None,
     ) -> None:
@@ -100,7 +101,7 @@ class Link:
         self.address = address
         self.session = os.urandom(16)
         self._role, self._name, self._curve = role, name, curve
-        self._capacity = capacity
+        self._capacity, self._slots = capacity, slots
         self.runtime = runtime or Runtime()
         self._on_welcome = on_welcome
         self.socket: zmq.Socket[bytes] | None = None
@@ -279,6 +280,7 @@ class Link:
                 capacity=self._capacity(),
                 pid=os.getpid(),
                 host=_socket.gethostname(),
+                slots=self._slots,
             )
         )
 

@@ -44,7 +44,7 @@ from fabric.remote._proxies_sync import (
     SemaphoreProxy,
 )
 from fabric.remote._proxy_base import AutoProxy, BaseProxy, decode_reply, dumps
-from fabric.remote._worker import check_prefetch
+from fabric.remote._worker import check_prefetch, default_prefetch
 
 
 def _public_methods(cls: type) -> frozenset[str]:
@@ -63,8 +63,8 @@ class Manager:
     memory to a thread of this process instead of TCP (see the docs' "same-host
     lane"); False sends their calls over TCP like any remote client's.
     ``prefetch`` (embedded cluster only): tasks its worker node may hold beyond
-    its free task processes (``fabric worker --prefetch``; 0, the default,
-    takes one task per free process).
+    its free task processes (``fabric worker --prefetch``; None, the default,
+    is the node's default window; 0 takes one task per free process).
     """
 
     def __init__(
@@ -77,9 +77,9 @@ class Manager:
         name: str | None = None,
         timeout: float = 10.0,
         lane: bool = True,
-        prefetch: int = 0,
+        prefetch: int | None = None,
     ) -> None:
-        self._prefetch = check_prefetch(prefetch)
+        self._prefetch = None if prefetch is None else check_prefetch(prefetch)
         self._address = address
         self._keys = keys
         self._processes = processes
@@ -105,11 +105,12 @@ class Manager:
             if self._conn is not None:
                 return self
             if self._address is None:
+                processes = self._processes or os.cpu_count() or 1
                 self._cluster = EmbeddedCluster(
-                    processes=self._processes,
+                    processes=processes,
                     keys=self._keys,
                     lane=self._lane,
-                    prefetch=self._prefetch,
+                    prefetch=default_prefetch(processes, self._prefetch),
                 )
                 self._address = self._cluster.address
             try:

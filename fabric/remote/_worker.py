@@ -4,13 +4,20 @@ Theory of operation. The supervisor (this module, one thread) owns the broker
 link and nothing else runs user code here: task processes are plain
 ``python -m fabric.remote._taskproc`` children fed through pipes, so a task
 that hogs the GIL, blocks or crashes never stops the heartbeats.
-- Credit = free slots: HELLO announces the free slots, each RESULT hands one
-  back (``credit=1``). Nothing is prefetched unless ``prefetch`` > 0: then the
-  node also takes up to ``prefetch`` tasks beyond its free slots, queues them
-  here and hands each to the first task process that frees, in arrival order.
+- Credit = free places: HELLO announces the free slots plus the free part of
+  the prefetch window (and the slots themselves), each RESULT hands one back
+  (``credit=1``). The node takes up to ``prefetch`` tasks beyond its free
+  slots (by default ``DEFAULT_PREFETCH`` per task process; 0: none), queues
+  them here and hands each to the first task process that frees, in arrival
+  order.
   The broker counts them DISPATCHED like running ones (its credit accounting),
   so a node that dies has them re-queued; CANCEL of a queued one answers
   ``cancelled`` at once.
+- RECLAIM (the broker's work stealing: another node has an idle slot) names
+  tasks; those still queued here go back at once, newest first, as
+  ``returned`` with the credit of the place each frees; if any named one
+  stays, ``CREDIT(0)`` after them ends the answer. A started task is never
+  handed back.
 - A RESULT is kept until the broker ACKs it and re-sent on every new session,
   so a broker restart or a network cut loses no result.
 - A task process that dies mid-task is reported at once as ``crashed`` (with
@@ -19,9 +26,9 @@ that hogs the GIL, blocks or crashes never stops the heartbeats.
   ``grace``) and reports ``cancelled``.
 - SIGTERM (or ``drain()``) drains: results go back with no credit, tasks that
   still arrive are not started, and once the running ones (and the prefetched
-  ones queued before the drain: the broker would wait for the BYE anyway) are
-  done and ACKed the node says BYE (the broker re-queues what it had not
-  started) and exits.
+  ones queued before the drain, unless a RECLAIM takes them elsewhere: the
+  broker would wait for the BYE anyway) are done and ACKed the node says BYE
+  (the broker re-queues what it had not started) and exits.
 """
 
 from __future__ import annotations
@@ -43,13 +50,19 @@ from typing import cast
 
 import zmq
 
-from fabric.broker.protocol import Ack, Bye, Cancel, Dispatch, Result, Welcome
+from fabric.broker.protocol import Ack, Bye, Cancel, Credit, Dispatch, Reclaim, Result, Welcome
 from fabric.remote._link import Link, LinkRefused, Runtime
 from fabric.remote._pipes import FrameReader, write_frame
 
 log = logging.getLogger(__name__)
 
 _ZMQ_FD = int(zmq.FD)  # (a plain int: getsockopt's enum wrapping costs more than the call)
+
+# Measured with no-op tasks on 2 task processes (bench/bench_remote.py's setup): a window of
+# 1, 2, 4 and 8 tasks per process gave ~0.85x, ~1.0x, ~1.25x and ~1.3x of the raw floor's
+# throughput (none: ~0.6x); the broker's work stealing bounds what a window costs.
+DEFAULT_PREFETCH = 4
+"""The default prefetch window, per task process (see ``docs/remote.md``, "Worker nodes")."""
 
 
 @dataclass
@@ -72,6 +85,11 @@ def check_prefetch(prefetch: object) -> int:
     return prefetch
 
 
+def default_prefetch(processes: int, prefetch: object = None) -> int:
+    """Return ``prefetch`` checked, or the default window for ``processes`` if it is None."""
+    return DEFAULT_PREFETCH * processes if prefetch is None else check_prefetch(prefetch)
+
+
 def _signal_name(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -87,7 +105,8 @@ class WorkerNode:
     ``address`` may be a callable, called once the task processes are started:
     a Manager starts its node while its broker is still starting and hands the
     address over then, so the two start-ups overlap. ``prefetch``: tasks the
-    node may hold beyond its free slots (0: one task per free slot).
+    node may hold beyond its free slots (None: ``DEFAULT_PREFETCH`` per task
+    process; 0: one task per free slot).
     """
 
     def __init__(
@@ -100,12 +119,12 @@ class WorkerNode:
         runtime: Runtime | None = None,
         env: dict[str, str] | None = None,
         grace: float = 5.0,
-        prefetch: int = 0,
+        prefetch: int | None = None,
     ) -> None:
         if processes is not None and processes < 1:
             raise ValueError("processes must be >= 1")
-        self.prefetch = check_prefetch(prefetch)
         self.processes = processes or os.cpu_count() or 1
+        self.prefetch = default_prefetch(self.processes, prefetch)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self._env = {**os.environ, **(env or {})}
         self._grace = grace
@@ -118,6 +137,7 @@ class WorkerNode:
             name=self.name,
             curve=curve,
             capacity=self._free,
+            slots=self.processes,
             runtime=runtime,
             on_welcome=self._resend,
         )
@@ -230,6 +250,8 @@ class WorkerNode:
                 self._unacked.pop(key, None)
         elif isinstance(message, Cancel):
             self._cancel(message)
+        elif isinstance(message, Reclaim):
+            self._reclaim(message)
 
     def _start(self, message: Dispatch) -> None:
         if self._draining:
@@ -317,6 +339,24 @@ class WorkerNode:
             if slot.task is not None and slot.task[0] == message.task:
                 slot.cancelled = True
                 slot.proc.terminate()
+
+    def _reclaim(self, message: Reclaim) -> None:
+        """Hand back the named tasks not started yet, newest first: another node idles.
+
+        If any named task stays (started, finished, unknown), CREDIT(0) after the
+        returned ones ends the answer: the broker then knows the rest stay here.
+        """
+        named = set(zip(message.tasks, message.attempts, strict=True))
+        back = [d for d in reversed(self._queued) if (d.task, d.attempt) in named]
+        if back:
+            self._queued = deque(d for d in self._queued if (d.task, d.attempt) not in named)
+            credit = 0 if self._draining else 1  # its queue place is free again
+            for d in back:
+                log.info("task %s handed back unstarted at a RECLAIM", d.task.hex())
+                self._report(Result(d.task, d.attempt, "returned", "reclaimed", credit))
+        if len(back) < len(named):
+            self._send_unsent()  # the returned ones first
+            self._link.send(Credit(0))
 
     def _resend(self, welcome: Welcome) -> None:
         # HELLO's capacity already counted the slots these results freed, and the

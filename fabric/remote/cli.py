@@ -49,11 +49,11 @@ def register(subparsers: Any) -> None:
     worker.add_argument(
         "--prefetch",
         type=_prefetch,
-        default=0,
+        default=None,
         metavar="N",
         help="tasks to hold beyond the free task processes, so each starts its next task "
-        "without waiting for the broker (default 0; a few per process speed up many short "
-        "tasks, but held tasks wait here while other nodes may be idle)",
+        "without waiting for the broker (default: 4 per task process; the broker takes "
+        "unstarted ones back when another node idles; 0: one task per free process)",
     )
     worker.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
     worker.set_defaults(func=run_worker)

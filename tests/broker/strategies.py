@@ -49,9 +49,18 @@ def _acks() -> st.SearchStrategy[p.Message]:
     return st.one_of(to_client, to_worker)
 
 
+def _reclaims() -> st.SearchStrategy[p.Message]:
+    # one attempt per task
+    return st.lists(st.tuples(ids, counts), max_size=8).map(
+        lambda pairs: p.Reclaim(tuple(t for t, _ in pairs), tuple(a for _, a in pairs))
+    )
+
+
 def message_of(cls: type[p.Message]) -> st.SearchStrategy[p.Message]:
     if cls is p.Ack:
         return _acks()
+    if cls is p.Reclaim:
+        return _reclaims()
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -69,6 +69,8 @@ def test_unknown_keys_are_ignored_and_defaults_fill_in() -> None:
         (_frames(p.Ack.TYPE, {"tasks": [b"x" * 97]}), "at most 96"),
         (_frames(p.Ack.TYPE, {"tasks": [b"x"], "attempts": [1, 2]}), "one to one"),
         (_frames(p.Ack.TYPE, {"tasks": [b"x"], "attempts": [-1]}), "non-negative"),
+        (_frames(p.Reclaim.TYPE, {"tasks": [b"x"], "attempts": []}), "one to one"),
+        (_frames(p.Reclaim.TYPE, {"tasks": [b"x"]}), "lacks field 'attempts'"),
         (_frames(p.Submit.TYPE, {"task": b"x" * 65}), "task id over 64"),
         (_frames(p.Done.TYPE, {"tasks": [b"x" * 65]}), "task id over 64"),
         (
@@ -161,7 +163,7 @@ def test_roles_only_send_their_messages() -> None:
     assert p.Result not in p.SENDABLE["client"]
     assert p.Reply in p.SENDABLE["host"]
     assert p.SENDABLE["admin"] == {p.Hello, p.Heartbeat, p.Bye, p.Error, p.Status}
-    broker_only = {p.Welcome, p.Refuse, p.Ack, p.Reject, p.Dispatch, p.Gone, p.Stats}
+    broker_only = {p.Welcome, p.Refuse, p.Ack, p.Reject, p.Dispatch, p.Reclaim, p.Gone, p.Stats}
     assert not any(broker_only & sendable for sendable in p.SENDABLE.values())
 
 

@@ -6,10 +6,10 @@ from collections import Counter
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from fabric.broker.acks import BATCH
-from fabric.broker.protocol import Ack, Cancel, Dispatch, Message, Reject, Result
+from fabric.broker.protocol import Ack, Cancel, Dispatch, Message, Reclaim, Reject, Result
 from fabric.broker.scheduler import Admission, Limits, Out, Scheduler
 
 A, B = b"A" * 16, b"B" * 16
@@ -287,6 +287,112 @@ def test_absent_clients_results_are_bounded_and_expire() -> None:
     s.check_invariants()
 
 
+# --- work stealing -----------------------------------------------------------------
+
+
+def hand_back(s: Scheduler, worker: bytes, reclaim: Message, now: float = 0.0) -> list[Out]:
+    """Answer a RECLAIM as a node holding every named task unstarted: each comes back."""
+    assert isinstance(reclaim, Reclaim)
+    outs: list[Out] = []
+    for task, attempt in zip(reclaim.tasks, reclaim.attempts, strict=True):
+        outs += s.result(worker, Result(task, attempt, "returned", credit=1), now)
+    return outs
+
+
+def test_idle_slots_are_filled_before_a_prefetch_window() -> None:
+    s = Scheduler()
+    s.add_client(A, 0)
+    s.add_worker(W1, 0, capacity=5, slots=1)  # 1 slot + 4 prefetched: the most credit
+    s.add_worker(W2, 0, capacity=2, slots=1)
+    outs = s.submit(A, b"1", (), 0)[1] + s.submit(A, b"2", (), 0)[1]
+    assert [dest for dest, _ in dispatches(outs)] == [W1, W2]  # not W1 twice
+    outs = s.submit(A, b"3", (), 0)[1]
+    assert [dest for dest, _ in dispatches(outs)] == [W1]  # no slot idle: the most credit
+    assert not sent(outs, Reclaim)
+
+
+def test_an_idle_slot_reclaims_the_newest_prefetched_tasks() -> None:
+    s = Scheduler()
+    s.add_client(A, 0)
+    s.add_worker(W1, 0, capacity=4, slots=1)
+    for i in range(4):
+        s.submit(A, b"%d" % i, (), 0)  # 0 runs on W1; 1, 2 and 3 wait there
+    outs = s.add_worker(W2, 0, capacity=3, slots=2)
+    assert outs == [(W1, Reclaim((A + b"3", A + b"2"), (1, 1)))]  # as many as W2's idle slots
+    s.check_invariants()
+    outs = hand_back(s, W1, outs[0][1])
+    assert outs == [(W2, Dispatch(A + b"3", 2)), (W2, Dispatch(A + b"2", 2))]
+    stats = s.statistics(0)
+    assert [(w.credit, w.running) for w in stats.worker_list] == [(2, 2), (1, 2)]
+    assert (stats.tasks_failed, stats.duplicates) == (0, 0)
+    s.check_invariants()
+    (result,) = sent(finish(s, W2, Dispatch(A + b"3", 2)), Result, A)  # runs once, on W2
+    assert result == Result(b"3", 2, "ok", payload=(b"v",))
+
+
+def test_one_reclaim_at_a_time_and_a_kept_task_is_not_named_again() -> None:
+    s = Scheduler()
+    s.add_client(A, 0)
+    s.add_worker(W1, 0, capacity=4, slots=1)
+    for i in range(4):
+        s.submit(A, b"%d" % i, (), 0)
+    assert s.add_worker(W2, 0, capacity=1, slots=1) == [(W1, Reclaim((A + b"3",), (1,)))]
+    assert s.add_worker(W3, 0, capacity=1, slots=1) == []  # W1's answer is not in yet
+    # W1 kept 3 (say it started): CREDIT(0) ends its answer; 3 is never named again
+    assert s.credit(W1, 0) == [(W1, Reclaim((A + b"2", A + b"1"), (1, 1)))]
+    outs = hand_back(s, W1, Reclaim((A + b"2", A + b"1"), (1, 1)))
+    assert [dest for dest, _ in dispatches(outs)] == [W2, W3]
+    assert not sent(outs, Reclaim)
+    s.check_invariants()
+
+
+def test_a_worker_that_does_not_say_its_slots_is_never_asked() -> None:
+    s = Scheduler()
+    s.add_client(A, 0)
+    s.add_worker(W1, 0, capacity=4)
+    for i in range(4):
+        s.submit(A, b"%d" % i, (), 0)
+    assert s.add_worker(W2, 0, capacity=1, slots=1) == []
+
+
+def test_a_reclaim_names_only_tasks_the_idle_worker_may_run() -> None:
+    s = Scheduler()
+    s.add_client(A, 0)
+    s.add_worker(W1, 0, capacity=3, slots=1, labels={"gpu": "yes"})
+    s.submit(A, b"c1", (), 0)
+    s.submit(A, b"c2", (), 0)
+    s.submit(A, b"g", (), 0, requires={"gpu": "yes"})  # the newest, but W2 may not run it
+    outs = s.add_worker(W2, 0, capacity=2, slots=1, labels={"gpu": "no"})
+    assert outs == [(W1, Reclaim((A + b"c2",), (1,)))]
+
+
+def test_a_task_handed_back_after_its_cancel_went_out_is_cancelled_not_run() -> None:
+    s = Scheduler()
+    s.add_client(A, 0)
+    s.add_worker(W1, 0, capacity=2, slots=1)
+    s.submit(A, b"0", (), 0)
+    s.submit(A, b"1", (), 0)
+    ((_, reclaim),) = s.add_worker(W2, 0, capacity=1, slots=1)
+    assert s.cancel(A, b"1", 0) == [(W1, Cancel(A + b"1", 1))]
+    outs = hand_back(s, W1, reclaim)  # the RECLAIM reached the node before the CANCEL
+    assert outs == [(A, Result(b"1", 1, "cancelled", "cancelled before it ran"))]
+    s.check_invariants()
+
+
+def test_a_result_crossing_a_reclaim_answers_its_name() -> None:
+    s = Scheduler()
+    s.add_client(A, 0)
+    s.add_worker(W1, 0, capacity=2, slots=1)
+    s.submit(A, b"0", (), 0)
+    s.submit(A, b"1", (), 0)
+    assert s.add_worker(W2, 0, capacity=1, slots=1) == [(W1, Reclaim((A + b"1",), (1,)))]
+    finish(s, W1, Dispatch(A + b"0", 1))  # not named: the RECLAIM is still out
+    outs = finish(s, W1, Dispatch(A + b"1", 1))  # it ran after all: its name is answered
+    assert not sent(outs, Reclaim) and not dispatches(outs)
+    assert s.credit(W1, 0) == []  # the node's answer: it had nothing to hand back
+    s.check_invariants()
+
+
 # --- the state machine -------------------------------------------------------------
 
 CLIENTS = (A, B)
@@ -318,6 +424,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.present = {c: False for c in CLIENTS}
         self.alive: set[bytes] = set()
         self.orphans: list[Dispatch] = []  # dispatched to a worker since removed
+        self.slots: dict[bytes, int] = dict.fromkeys(WORKERS, 0)
+        self.reclaimed: dict[bytes, set[tuple[bytes, int]]] = {w: set() for w in WORKERS}
+        self.ever_named: set[tuple[bytes, int]] = set()
 
     def apply(self, outs: list[Out]) -> None:
         for dest, message in outs:
@@ -326,6 +435,15 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.dispatched[dest] += 1
                 self.running[dest].append(message)
                 assert self.dispatched[dest] <= self.granted[dest], "worker over credit"
+            elif isinstance(message, Reclaim):
+                assert not self.reclaimed[dest], "a second RECLAIM before the first's answer"
+                held = {(d.task, d.attempt) for d in self.running[dest]}
+                named = set(zip(message.tasks, message.attempts, strict=True))
+                assert named and named <= held, "a RECLAIM names a task the worker lacks"
+                assert len(named) <= len(held) - self.slots[dest], "reclaims more than prefetched"
+                assert not named & self.ever_named, "a task named twice for one dispatch"
+                self.ever_named |= named
+                self.reclaimed[dest] = named
             elif isinstance(message, Result):
                 assert self.present[dest], "result sent to an absent client"
                 key = dest + message.task
@@ -335,6 +453,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 if message.status != "expired":
                     assert self.results.setdefault(key, message) == message
                 self.results[key] = message
+
+    @initialize(capacity=st.integers(2, 3))
+    def start(self, capacity: int) -> None:
+        """Begin with a client and a worker with a prefetch window, where stealing starts."""
+        self.client_joins(A)
+        self.worker_joins(W1, capacity, 1)
 
     @rule(client=st.sampled_from(CLIENTS))
     def client_joins(self, client: bytes) -> None:
@@ -360,15 +484,17 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.results.pop(key, None)
         self.apply(outs)
 
-    @rule(worker=st.sampled_from(WORKERS), capacity=st.integers(0, 3))
-    def worker_joins(self, worker: bytes, capacity: int) -> None:
+    @rule(worker=st.sampled_from(WORKERS), capacity=st.integers(0, 3), slots=st.integers(0, 2))
+    def worker_joins(self, worker: bytes, capacity: int, slots: int) -> None:
         self.apply(self.s.remove(worker, self.now, "replaced"))
         self.orphans += self.running[worker]
         self.running[worker] = []
+        self.reclaimed[worker] = set()
         self.granted[worker] = capacity
         self.dispatched[worker] = 0
+        self.slots[worker] = slots
         self.alive.add(worker)
-        self.apply(self.s.add_worker(worker, self.now, capacity=capacity))
+        self.apply(self.s.add_worker(worker, self.now, capacity=capacity, slots=slots))
 
     @rule(worker=st.sampled_from(WORKERS), lost=st.booleans())
     def worker_leaves(self, worker: bytes, lost: bool) -> None:
@@ -376,12 +502,37 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.granted[worker] = self.dispatched[worker] = 0
         self.orphans += self.running[worker]
         self.running[worker] = []
+        self.reclaimed[worker] = set()
         self.alive.discard(worker)
 
     @rule(worker=st.sampled_from(WORKERS), n=st.integers(1, 2))
     def credit(self, worker: bytes, n: int) -> None:
         self.granted[worker] += n
+        self.reclaimed[worker] = set()  # a CREDIT ends a RECLAIM's answer
         self.apply(self.s.credit(worker, n))
+
+    def report(self, worker: bytes, result: Result) -> None:
+        """Send a worker's RESULT: it answers a RECLAIM's name for its task, if any."""
+        self.reclaimed[worker].discard((result.task, result.attempt))
+        self.granted[worker] += result.credit
+        self.apply(self.s.result(worker, result, self.now))
+
+    @precondition(lambda self: any(self.reclaimed.values()))
+    @rule(data=st.data())
+    def worker_answers_reclaim(self, data: st.DataObject) -> None:
+        """Hand back the named tasks still unstarted (any subset); CREDIT(0) if one stays."""
+        worker = data.draw(st.sampled_from([w for w in WORKERS if self.reclaimed[w]]))
+        named = self.reclaimed[worker]
+        back = [
+            d
+            for d in reversed(self.running[worker])
+            if (d.task, d.attempt) in named and data.draw(st.booleans(), "unstarted")
+        ]
+        for d in back:
+            self.running[worker].remove(d)
+            self.report(worker, Result(d.task, d.attempt, "returned", credit=1))
+        if len(back) < len(named):
+            self.credit(worker, 0)
 
     @rule(data=st.data(), status=st.sampled_from(["ok", "error", "crashed", "cancelled"]))
     def worker_finishes(self, data: st.DataObject, status: str) -> None:
@@ -390,8 +541,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         worker = data.draw(st.sampled_from(busy))
         d = self.running[worker].pop(data.draw(st.integers(0, len(self.running[worker]) - 1)))
-        self.granted[worker] += 1
-        self.apply(self.s.result(worker, Result(d.task, d.attempt, status, credit=1), self.now))
+        self.report(worker, Result(d.task, d.attempt, status, credit=1))
 
     @rule(data=st.data())
     def worker_hands_back(self, data: st.DataObject) -> None:
@@ -401,7 +551,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         worker = data.draw(st.sampled_from(busy))
         d = self.running[worker].pop(data.draw(st.integers(0, len(self.running[worker]) - 1)))
-        self.apply(self.s.result(worker, Result(d.task, d.attempt, "returned"), self.now))
+        self.report(worker, Result(d.task, d.attempt, "returned"))
 
     @precondition(lambda self: self.orphans)
     @rule(data=st.data(), status=st.sampled_from(["ok", "crashed"]))
@@ -411,8 +561,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         worker = data.draw(st.sampled_from(WORKERS))
         if worker not in self.alive:
             return
-        self.granted[worker] += 1
-        self.apply(self.s.result(worker, Result(d.task, d.attempt, status, credit=1), self.now))
+        self.report(worker, Result(d.task, d.attempt, status, credit=1))
 
     @rule(client=st.sampled_from(CLIENTS))
     def client_done(self, client: bytes) -> None:
@@ -437,6 +586,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def consistent(self) -> None:
         self.s.check_invariants()
+        # quiescent: every event dispatched all it could and sent every RECLAIM it should
+        assert self.s._dispatch() == []
         stats = self.s.statistics(self.now)
         assert stats.queued + stats.in_flight + stats.awaiting_done <= 12 + 4
 
@@ -482,3 +633,93 @@ def test_an_ack_batch_is_split_below_the_control_frame_limit() -> None:
         s.submit(A, b"%d" % i, (), 0)
     sizes = [len(ack.tasks) for _, ack in s.acks(everything=True) if isinstance(ack, Ack)]
     assert sizes == [BATCH, BATCH, 3]
+
+
+class StealMachine(RuleBasedStateMachine):
+    """Nodes modelled as they run: FIFO, the oldest ``slots`` held tasks started.
+
+    Beyond the scheduler's invariants: no node ever idles while another holds
+    an unstarted task and no RECLAIM is out to it (the starvation is bounded by
+    one RECLAIM's round trip), and each task runs to one result.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = Scheduler(Limits(liveness_timeout=1e9))
+        self.s.add_client(A, 0)
+        self.held: dict[bytes, list[Dispatch]] = {}  # arrival order: held[:slots] run
+        self.slots: dict[bytes, int] = {}
+        self.reclaimed: dict[bytes, set[tuple[bytes, int]]] = {}
+        self.results: Counter[bytes] = Counter()
+        self.submitted = 0
+
+    def apply(self, outs: list[Out]) -> None:
+        for dest, message in outs:
+            if isinstance(message, Dispatch):
+                self.held[dest].append(message)
+                assert len(self.held[dest]) <= self.slots[dest] + 2, "past slots + prefetch"
+            elif isinstance(message, Reclaim):
+                assert not self.reclaimed[dest], "a second RECLAIM before the first's answer"
+                self.reclaimed[dest] = set(zip(message.tasks, message.attempts, strict=True))
+            elif isinstance(message, Result):
+                assert message.status == "ok", message
+                self.results[message.task] += 1
+
+    @rule(worker=st.sampled_from(WORKERS), slots=st.integers(1, 2))
+    def node_joins(self, worker: bytes, slots: int) -> None:
+        if worker in self.held:
+            return
+        self.held[worker], self.slots[worker], self.reclaimed[worker] = [], slots, set()
+        self.apply(self.s.add_worker(worker, 0, capacity=slots + 2, slots=slots))
+
+    @rule(n=st.integers(1, 4))
+    def submit(self, n: int) -> None:
+        for _ in range(n):
+            self.submitted += 1
+            self.apply(self.s.submit(A, b"%d" % self.submitted, (), 0)[1])
+
+    @rule(data=st.data())
+    def node_finishes(self, data: st.DataObject) -> None:
+        busy = [w for w, held in self.held.items() if held]
+        if not busy:
+            return
+        worker = data.draw(st.sampled_from(busy))
+        started = self.held[worker][: self.slots[worker]]
+        d = started[data.draw(st.integers(0, len(started) - 1))]
+        self.held[worker].remove(d)
+        self.reclaimed[worker].discard((d.task, d.attempt))
+        self.apply(self.s.result(worker, Result(d.task, d.attempt, "ok", credit=1), 0))
+
+    @precondition(lambda self: any(self.reclaimed.values()))
+    @rule(data=st.data())
+    def node_answers_reclaim(self, data: st.DataObject) -> None:
+        worker = data.draw(st.sampled_from([w for w, r in self.reclaimed.items() if r]))
+        named, held = self.reclaimed[worker], self.held[worker]
+        back = [d for d in reversed(held[self.slots[worker] :]) if (d.task, d.attempt) in named]
+        for d in back:
+            held.remove(d)
+            named.discard((d.task, d.attempt))
+            self.apply(self.s.result(worker, Result(d.task, d.attempt, "returned", credit=1), 0))
+        if named:
+            named.clear()
+            self.apply(self.s.credit(worker, 0))
+
+    @invariant()
+    def no_slot_idles_while_an_unstarted_task_waits_unclaimed(self) -> None:
+        self.s.check_invariants()
+        assert self.s._dispatch() == []
+        # slots idle beyond what the RECLAIMs out will fill: each holder of an unstarted
+        # task has one out (one at a time: its answer brings the next)
+        idle = sum(max(0, self.slots[w] - len(held)) for w, held in self.held.items())
+        if idle > sum(map(len, self.reclaimed.values())):
+            for worker, held in self.held.items():
+                if len(held) > self.slots[worker]:
+                    assert self.reclaimed[worker], "an unstarted task waits while a slot idles"
+
+    @invariant()
+    def each_task_has_at_most_one_result(self) -> None:
+        assert all(n == 1 for n in self.results.values())
+
+
+StealMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+test_steal_state_machine = StealMachine.TestCase

@@ -1,7 +1,9 @@
-"""Worker nodes with a prefetch window: how many tasks a node holds, kill -9, drain, cancel."""
+"""Worker nodes with a prefetch window: how many tasks a node holds, kill -9, drain, cancel,
+and work stealing (an idle node takes back what another holds unstarted)."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import os
 import signal
@@ -17,7 +19,7 @@ import pytest
 
 from fabric.broker.scheduler import WorkerInfo
 from fabric.remote import Manager
-from fabric.remote._worker import WorkerNode
+from fabric.remote._worker import WorkerNode, default_prefetch
 from fabric.remote.cli import main
 from tests.remote.conftest import Cluster, start_broker
 
@@ -90,6 +92,70 @@ def record(log: Any, x: int) -> int:
     return x
 
 
+def where(log: Any, x: int) -> tuple[int, int]:
+    log.append(x)
+    return x * x, os.getppid()
+
+
+def wait_workers(cluster: Cluster, n: int) -> None:
+    """Poll the broker's view until ``n`` worker nodes have joined (or 30 s pass)."""
+    deadline = time.monotonic() + 30
+    while cluster.broker.statistics().tasks.workers != n and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling the broker's view, not synchronising the test
+
+
+def test_an_idle_node_takes_back_the_tasks_prefetched_behind_a_long_one(cluster: Cluster) -> None:
+    # Celery's starvation: both nodes busy, each holding 2 short tasks in its window; one
+    # node's task ends while the other's long one goes on: the idle node must take the
+    # 2 waiting behind the long task back (they would wait for it without stealing)
+    for name in ("a", "b"):
+        cluster.node(1, name, "--prefetch", "2")
+    mgr = cluster.manager()
+    ex = mgr.Executor()
+    wait_workers(cluster, 2)
+    started, long_gate, short_gate, log = mgr.Queue(), mgr.Event(), mgr.Event(), mgr.list()
+    long = ex.submit(hold, started, long_gate, 0)
+    blocker = ex.submit(hold, started, short_gate, 1)
+    assert {started.get(timeout=60), started.get(timeout=60)} == {0, 1}  # one on each node
+    shorts = [ex.submit(where, log, x) for x in range(2, 6)]
+    assert wait_running(cluster, "a", 3).running == 3  # 1 running, 2 in its window
+    assert wait_running(cluster, "b", 3).running == 3
+    short_gate.set()
+    _, pending = cf.wait(shorts, timeout=30)
+    assert not pending, "tasks prefetched behind the long one waited for it"
+    assert not long.done()
+    results = [f.result() for f in shorts]
+    assert [square for square, _ in results] == [x * x for x in range(2, 6)]
+    free_node = blocker.result(timeout=60)[1]
+    assert {node for _, node in results} == {free_node}
+    assert sorted(log.copy()) == [2, 3, 4, 5]  # each ran exactly once
+    long_gate.set()
+    assert long.result(timeout=60)[0] == 0 and long.result()[1] != free_node
+    stats = cluster.broker.statistics().tasks
+    # the 2 taken back were queued again once each, and nothing ran twice
+    assert (stats.tasks_done, stats.retries, stats.duplicates) == (6, 2, 0)
+
+
+def test_a_draining_node_hands_its_prefetched_tasks_to_an_idle_node(cluster: Cluster) -> None:
+    node = cluster.node(1, "draining", "--prefetch", "2")
+    mgr = cluster.manager()
+    ex = mgr.Executor()
+    started, gate, log = mgr.Queue(), mgr.Event(), mgr.list()
+    long = ex.submit(hold, started, gate, 0)
+    assert started.get(timeout=60) == 0
+    shorts = [ex.submit(where, log, x) for x in (1, 2)]
+    wait_running(cluster, "draining", 3)
+    node.send_signal(signal.SIGTERM)
+    fresh = cluster.node(1, "fresh", "--prefetch", "2")
+    _, pending = cf.wait(shorts, timeout=30)
+    assert not pending, "tasks prefetched by a draining node waited for its long task"
+    assert [f.result() for f in shorts] == [(1, fresh.pid), (4, fresh.pid)]
+    assert sorted(log.copy()) == [1, 2]
+    gate.set()
+    assert long.result(timeout=60) == (0, node.pid)
+    assert node.wait(60) == 0
+
+
 def test_cancel_of_a_prefetched_task_answers_at_once(cluster: Cluster) -> None:
     cluster.node(1, "pf", "--prefetch", "2")
     mgr = cluster.manager()
@@ -123,6 +189,14 @@ def test_a_draining_node_runs_the_tasks_it_prefetched(cluster: Cluster) -> None:
     assert node.wait(60) == 0
     cluster.node(1, "fresh")
     assert later.result(timeout=60) == 3
+
+
+def test_a_node_prefetches_two_tasks_per_process_by_default(cluster: Cluster) -> None:
+    cluster.node(2, "default")
+    cluster.node(2, "none", "--prefetch", "0")
+    wait_workers(cluster, 2)
+    assert (worker(cluster, "default").credit, worker(cluster, "none").credit) == (2 + 8, 2)
+    assert (default_prefetch(3), default_prefetch(3, 0)) == (12, 0)  # Manager() takes it too
 
 
 @pytest.mark.parametrize(
