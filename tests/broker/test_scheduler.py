@@ -366,13 +366,18 @@ def test_a_reclaim_names_only_tasks_the_idle_worker_may_run() -> None:
     assert outs == [(W1, Reclaim((A + b"c2",), (1,)))]
 
 
-def test_a_task_handed_back_after_its_cancel_went_out_is_cancelled_not_run() -> None:
+def one_slot_holding_two_then_an_idle_one() -> tuple[Scheduler, list[Out]]:
+    """W1 (one slot, a window of one) holds tasks 0 and 1; return W2's joining, one idle slot."""
     s = Scheduler()
     s.add_client(A, 0)
     s.add_worker(W1, 0, capacity=2, slots=1)
     s.submit(A, b"0", (), 0)
     s.submit(A, b"1", (), 0)
-    ((_, reclaim),) = s.add_worker(W2, 0, capacity=1, slots=1)
+    return s, s.add_worker(W2, 0, capacity=1, slots=1)
+
+
+def test_a_task_handed_back_after_its_cancel_went_out_is_cancelled_not_run() -> None:
+    s, ((_, reclaim),) = one_slot_holding_two_then_an_idle_one()
     assert s.cancel(A, b"1", 0) == [(W1, Cancel(A + b"1", 1))]
     outs = hand_back(s, W1, reclaim)  # the RECLAIM reached the node before the CANCEL
     assert outs == [(A, Result(b"1", 1, "cancelled", "cancelled before it ran"))]
@@ -380,12 +385,8 @@ def test_a_task_handed_back_after_its_cancel_went_out_is_cancelled_not_run() -> 
 
 
 def test_a_result_crossing_a_reclaim_answers_its_name() -> None:
-    s = Scheduler()
-    s.add_client(A, 0)
-    s.add_worker(W1, 0, capacity=2, slots=1)
-    s.submit(A, b"0", (), 0)
-    s.submit(A, b"1", (), 0)
-    assert s.add_worker(W2, 0, capacity=1, slots=1) == [(W1, Reclaim((A + b"1",), (1,)))]
+    s, outs = one_slot_holding_two_then_an_idle_one()
+    assert outs == [(W1, Reclaim((A + b"1",), (1,)))]
     finish(s, W1, Dispatch(A + b"0", 1))  # not named: the RECLAIM is still out
     outs = finish(s, W1, Dispatch(A + b"1", 1))  # it ran after all: its name is answered
     assert not sent(outs, Reclaim) and not dispatches(outs)
