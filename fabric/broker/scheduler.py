@@ -287,8 +287,7 @@ class Scheduler:
             if message.status == "crashed":
                 outs += self._crashed(task, message.message, worker, now)
             elif task.cancelling:  # handed back unstarted after a CANCEL went out for it
-                worker.running.discard(task.key)
-                task.worker = None
+                self._unassign(task, worker)
                 outs += self._settle(
                     task, message.attempt, "cancelled", "cancelled before it ran", (), now
                 )
@@ -296,8 +295,7 @@ class Scheduler:
                 outs += self._requeue(task, worker, None, now)
         else:
             if current and worker is not None:
-                worker.running.discard(task.key)
-                task.worker = None
+                self._unassign(task, worker)
                 worker.done += 1
             outs += self._settle(
                 task, message.attempt, message.status, message.message, message.payload, now
@@ -455,9 +453,18 @@ class Scheduler:
             outs += reclaims(self._workers.values(), self._tasks)
         return outs
 
-    def _requeue(self, task: Task, worker: Worker, reason: str | None, now: float) -> list[Out]:
+    def _unassign(self, task: Task, worker: Worker) -> None:
         worker.running.discard(task.key)
         task.worker = None
+
+    def _retry(self, task: Task) -> None:
+        """Queue ``task`` again, first in its lane, as its next attempt."""
+        self._counts["retries"] += 1
+        task.attempt += 1
+        self._lanes.push(task, front=True)
+
+    def _requeue(self, task: Task, worker: Worker, reason: str | None, now: float) -> list[Out]:
+        self._unassign(task, worker)
         if reason is not None:
             task.losses += 1
         if task.losses > self.limits.max_retries:
@@ -467,14 +474,11 @@ class Scheduler:
                 f" {task.attempt} times, past the retry limit of {self.limits.max_retries}"
             )
             return self._settle(task, task.attempt, "lost", message, (), now)
-        self._counts["retries"] += 1
-        task.attempt += 1
-        self._lanes.push(task, front=True)
+        self._retry(task)
         return []
 
     def _crashed(self, task: Task, cause: str, worker: Worker, now: float) -> list[Out]:
-        worker.running.discard(task.key)
-        task.worker = None
+        self._unassign(task, worker)
         task.crashes.append(cause or "unknown cause")
         if len(task.crashes) >= self.limits.poison_limit:
             text = (
@@ -482,9 +486,7 @@ class Scheduler:
                 f" {len(task.crashes)} times ({'; '.join(task.crashes)})"
             )
             return self._settle(task, task.attempt, "poisoned", text, (), now)
-        self._counts["retries"] += 1
-        task.attempt += 1
-        self._lanes.push(task, front=True)
+        self._retry(task)
         return []
 
     def _settle(

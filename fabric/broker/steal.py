@@ -48,12 +48,14 @@ def reclaims(
     dispatching). No I/O, no clock: it reads the workers and tasks and sets
     ``reclaiming``.
     """
+    victims = [w for w in workers if w.slots and not w.reclaiming and len(w.running) > w.slots]
+    if not victims:  # the common case (no window in use): called after every dispatch
+        return []
     thieves = [worker for worker in workers if worker.idle() > 0]
     # the idle slots that the tasks named by RECLAIMs still out will fill are spoken for
     idle = sum(w.idle() for w in thieves) - sum(len(w.reclaiming) for w in workers)
     if idle <= 0:
         return []
-    victims = [w for w in workers if w.slots and not w.reclaiming and len(w.running) > w.slots]
     victims.sort(key=lambda w: len(w.running) - w.slots, reverse=True)
     outs: list[tuple[bytes, Message]] = []
     for victim in victims:

@@ -43,7 +43,7 @@ class EmbeddedCluster:
         processes: int | None = None,
         keys: str | Path | None = None,
         lane: bool = True,
-        prefetch: int = 0,
+        prefetch: int | None = None,
     ) -> None:
         from fabric.broker.keys import Keyring
         from fabric.broker.server import Broker
@@ -89,7 +89,7 @@ class EmbeddedCluster:
             self._remove_ipc_dir()
             raise
 
-    def _start_node(self, processes: int, prefetch: int) -> subprocess.Popen[bytes]:
+    def _start_node(self, processes: int, prefetch: int | None) -> subprocess.Popen[bytes]:
         command = [
             sys.executable,
             "-m",
@@ -102,9 +102,9 @@ class EmbeddedCluster:
             f"embedded-{os.getpid()}",
             "--parent",
             str(os.getpid()),
-            "--prefetch",
-            str(prefetch),
         ]
+        if prefetch is not None:  # None: the node's default window
+            command += ["--prefetch", str(prefetch)]
         env = dict(os.environ)
         if self._keys is not None:
             command += ["--keys", str(self._keys)]

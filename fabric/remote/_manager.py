@@ -44,7 +44,7 @@ from fabric.remote._proxies_sync import (
     SemaphoreProxy,
 )
 from fabric.remote._proxy_base import AutoProxy, BaseProxy, decode_reply, dumps
-from fabric.remote._worker import check_prefetch, default_prefetch
+from fabric.remote._worker import check_prefetch
 
 
 def _public_methods(cls: type) -> frozenset[str]:
@@ -105,12 +105,11 @@ class Manager:
             if self._conn is not None:
                 return self
             if self._address is None:
-                processes = self._processes or os.cpu_count() or 1
                 self._cluster = EmbeddedCluster(
-                    processes=processes,
+                    processes=self._processes,
                     keys=self._keys,
                     lane=self._lane,
-                    prefetch=default_prefetch(processes, self._prefetch),
+                    prefetch=self._prefetch,
                 )
                 self._address = self._cluster.address
             try:

@@ -85,11 +85,6 @@ def check_prefetch(prefetch: object) -> int:
     return prefetch
 
 
-def default_prefetch(processes: int, prefetch: object = None) -> int:
-    """Return ``prefetch`` checked, or the default window for ``processes`` if it is None."""
-    return DEFAULT_PREFETCH * processes if prefetch is None else check_prefetch(prefetch)
-
-
 def _signal_name(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -124,7 +119,9 @@ class WorkerNode:
         if processes is not None and processes < 1:
             raise ValueError("processes must be >= 1")
         self.processes = processes or os.cpu_count() or 1
-        self.prefetch = default_prefetch(self.processes, prefetch)
+        self.prefetch = (
+            DEFAULT_PREFETCH * self.processes if prefetch is None else check_prefetch(prefetch)
+        )
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self._env = {**os.environ, **(env or {})}
         self._grace = grace

@@ -15,7 +15,7 @@ import cloudpickle
 import pytest
 
 from fabric.errors import WorkerLostError
-from fabric.remote import RemoteTraceback
+from fabric.remote import Executor, Manager, RemoteTraceback
 from tests.remote.conftest import HEARTBEAT, LIVENESS, Cluster, start_broker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -76,12 +76,17 @@ def test_output_is_forwarded_only_when_asked(
     assert "out 2" in captured.out and "err 2" in captured.err
 
 
-def test_shutdown_cancels_pending_futures(cluster: Cluster) -> None:
+def one_task_running_on_a_gate(cluster: Cluster) -> tuple[Manager, Any, Executor, cf.Future[str]]:
+    """A one-process node and its manager; an executor's task there waits on the gate."""
     cluster.node(processes=1)
     mgr = cluster.manager()
     gate = mgr.Event()
     ex = mgr.Executor()
-    running = ex.submit(wait_for, gate)
+    return mgr, gate, ex, ex.submit(wait_for, gate)
+
+
+def test_shutdown_cancels_pending_futures(cluster: Cluster) -> None:
+    mgr, _, ex, running = one_task_running_on_a_gate(cluster)
     queued = [ex.submit(abs, -i) for i in range(3)]
     ex.shutdown(wait=False, cancel_futures=True)
     with pytest.raises(RuntimeError, match="after shutdown"):
@@ -95,11 +100,7 @@ def test_shutdown_cancels_pending_futures(cluster: Cluster) -> None:
 
 
 def test_a_cancelled_future_leaves_the_outstanding_ones(cluster: Cluster) -> None:
-    cluster.node(processes=1)
-    mgr = cluster.manager()
-    gate = mgr.Event()
-    ex = mgr.Executor()
-    running = ex.submit(wait_for, gate)
+    _, gate, ex, running = one_task_running_on_a_gate(cluster)
     queued = ex.submit(abs, -1)
     assert set(ex.outstanding()) == {running, queued}
     assert queued.cancel() and queued.cancel()  # the second one changes nothing

@@ -19,7 +19,7 @@ import pytest
 
 from fabric.broker.scheduler import WorkerInfo
 from fabric.remote import Manager
-from fabric.remote._worker import WorkerNode, default_prefetch
+from fabric.remote._worker import WorkerNode
 from fabric.remote.cli import main
 from tests.remote.conftest import Cluster, start_broker
 
@@ -196,7 +196,12 @@ def test_a_node_prefetches_two_tasks_per_process_by_default(cluster: Cluster) ->
     cluster.node(2, "none", "--prefetch", "0")
     wait_workers(cluster, 2)
     assert (worker(cluster, "default").credit, worker(cluster, "none").credit) == (2 + 8, 2)
-    assert (default_prefetch(3), default_prefetch(3, 0)) == (12, 0)  # Manager() takes it too
+    for prefetch, credit in ((None, 1 + 4), (0, 1)):  # Manager() takes it too
+        with Manager(processes=1, prefetch=prefetch) as mgr:
+            assert mgr.Executor().submit(abs, -1).result(60) == 1  # its node has joined
+            assert mgr._cluster is not None
+            (node,) = mgr._cluster.broker.statistics().tasks.worker_list
+            assert node.credit == credit
 
 
 @pytest.mark.parametrize(
