@@ -348,8 +348,7 @@ static inline int64_t ring_depth(Ring *r)
  * killed at any point has either done both or neither. */
 static void push_rclaim(Ring *r, uint64_t pos, uint32_t info)
 {
-    unsigned frag = INFO_FRAG(info);
-    uint64_t next = pos + rec_size(INFO_LEN(info)), add = frag == F_WHOLE || frag == F_FIRST;
+    uint64_t next = pos + rec_size(INFO_LEN(info)), add = is_start(INFO_FRAG(info));
     for (;;) {
         uint64_t lo, out;
         pair_load(r->h->rclaim, &lo, &out);
@@ -681,7 +680,7 @@ static int try_claim(Ring *r, int in_stream, int live, claim_t *c)
         /* A kill from here on loses this message; pushing rclaim counts it
          * out, and anyone at rclaim does that for us if we die first. */
         push_rclaim(r, c->pos, c->info);
-        if (frag == F_WHOLE || frag == F_FIRST)
+        if (is_start(frag))
             atomic_fetch_add_explicit(&r->h->gets, 1, memory_order_relaxed);
         return RC_OK;
     }
